@@ -1,0 +1,204 @@
+"""``lossd.Client``: the session RPCs and the loss calls, with typed errors."""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from lossd import _codec
+from lossd._config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig
+from lossd._exceptions import UnavailableError, from_rpc_error, from_status, status_code
+from lossd._spec import SessionSpec
+from lossd._types import LossResult, SessionInfo, SessionState
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+class ClientState(enum.Enum):
+    OPEN = 1
+    CLOSED = 2
+
+
+class LossStream:
+    """One bidirectional LossStream call: one request in flight, answered in order.
+
+    A failed request is reported in its response and leaves the stream open; a
+    broken stream raises, and the client opens a new one on the next call.
+    """
+
+    _END = object()
+
+    def __init__(self, stub: pb_grpc.LossServiceStub) -> None:
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._responses: Any = stub.LossStream(iter(self._requests.get, self._END))
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def call(self, request: pb.LossRequest) -> pb.LossResponse:
+        with self._lock:
+            if self.broken:
+                raise UnavailableError("the loss stream is closed")
+            self._requests.put(request)
+            try:
+                response: pb.LossResponse = next(self._responses)
+            except grpc.RpcError as error:
+                self.broken = True
+                raise from_rpc_error(error) from error
+            except StopIteration:
+                self.broken = True
+                raise UnavailableError("the server closed the loss stream") from None
+        if response.HasField("error"):
+            raise from_status(status_code(response.error.code), response.error.message)
+        return response
+
+    def close(self) -> None:
+        self.broken = True
+        self._requests.put(self._END)
+        self._responses.cancel()
+
+
+class Client:
+    """A connection to a lossd server.
+
+    ``with lossd.Client("localhost:50051") as client: client.create_session("run", spec)``.
+    Without a target it uses ``LOSSD_TARGET``, else ``localhost:50051``.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.config = ClientConfig.resolve(target, timeout=timeout, max_message_bytes=max_message_bytes)
+        self._channel = grpc.insecure_channel(self.config.target, options=self.config.channel_options())
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._stream: LossStream | None = None
+        self._stream_lock = threading.Lock()
+        self._state = ClientState.OPEN
+
+    @property
+    def target(self) -> str:
+        return self.config.target
+
+    @property
+    def closed(self) -> bool:
+        return self._state is ClientState.CLOSED
+
+    def _call(self, method: Callable[..., R], request: Any) -> R:
+        if self.closed:
+            raise RuntimeError("this lossd.Client is closed")
+        try:
+            return method(request, timeout=self.config.timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    # Sessions -------------------------------------------------------------
+
+    def create_session(self, name: str, spec: SessionSpec) -> tuple[SessionInfo, bool]:
+        """Get-or-create: (session, created). The same name with another spec raises AlreadyExistsError."""
+        response = self._call(self._stub.CreateSession, pb.CreateSessionRequest(name=name, spec=spec.to_proto()))
+        return SessionInfo.from_proto(response.session), response.created
+
+    def get_session(self, name: str) -> SessionInfo:
+        return SessionInfo.from_proto(self._call(self._stub.GetSession, pb.GetSessionRequest(name=name)))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        response = self._call(self._stub.ListSessions, pb.ListSessionsRequest())
+        return [SessionInfo.from_proto(s) for s in response.sessions]
+
+    def delete_session(self, name: str) -> None:
+        self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(name=name))
+
+    def next_epoch(self, session: str, epoch: int | None = None) -> SessionInfo:
+        """Finish the epoch. With ``epoch``, fails unless it is the session's current epoch."""
+        request = pb.NextEpochRequest(session=session)
+        if epoch is not None:
+            request.epoch = epoch
+        return SessionInfo.from_proto(self._call(self._stub.NextEpoch, request))
+
+    def get_state(self, session: str) -> SessionState:
+        return SessionState.from_proto(self._call(self._stub.GetState, pb.GetStateRequest(session=session)))
+
+    def load_state(self, session: str, state: SessionState) -> SessionInfo:
+        request = pb.LoadStateRequest(session=session, state=state.to_proto())
+        return SessionInfo.from_proto(self._call(self._stub.LoadState, request))
+
+    # Losses ---------------------------------------------------------------
+
+    @staticmethod
+    def _loss_request(
+        session: str, logits: torch.Tensor, labels: torch.Tensor, training: bool, need_grad: bool, request_id: str | None
+    ) -> pb.LossRequest:
+        return pb.LossRequest(
+            session=session,
+            logits=_codec.encode(logits),
+            labels=_codec.encode(labels),
+            training=training,
+            need_grad=need_grad,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+
+    def compute_loss(
+        self,
+        session: str,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        training: bool = True,
+        need_grad: bool = True,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> LossResult:
+        """Loss and gradient for [N, C] logits and [N] labels.
+
+        ``stream=True`` (the per-step path) sends the request on this client's
+        bidirectional stream; ``False`` makes one unary call.
+        """
+        request = self._loss_request(session, logits, labels, training, need_grad, request_id)
+        if not stream:
+            return LossResult.from_proto(self._call(self._stub.ComputeLoss, request))
+        return LossResult.from_proto(self._open_stream().call(request))
+
+    def _open_stream(self) -> LossStream:
+        if self.closed:
+            raise RuntimeError("this lossd.Client is closed")
+        with self._stream_lock:
+            if self._stream is None or self._stream.broken:
+                self._stream = LossStream(self._stub)
+            return self._stream
+
+    # Lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._state = ClientState.CLOSED
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.close()
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        if self.closed:
+            raise RuntimeError("cannot reopen a closed lossd.Client")
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"lossd.Client({self.target!r}, state={self._state.name})"

@@ -1,0 +1,105 @@
+"""The session spec: a typed, hashable mirror of ``lossd.v1.SessionSpec``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lossd import _codec
+from lossd.functional import DEFAULT_IGNORE_INDEX, Convention, EmptyClassPolicy, OlsInit, Reduction
+from lossd.v1 import loss_service_pb2 as pb
+
+LossKind = Literal["cross_entropy", "label_smoothing", "online_label_smoothing"]
+
+# Enum names on the wire <-> the strings users write. Value 0 (UNSPECIFIED) maps to None.
+KINDS: dict[str, int] = {
+    "cross_entropy": pb.LOSS_KIND_CROSS_ENTROPY,
+    "label_smoothing": pb.LOSS_KIND_LABEL_SMOOTHING,
+    "online_label_smoothing": pb.LOSS_KIND_ONLINE_LABEL_SMOOTHING,
+}
+CONVENTIONS: dict[str, int] = {
+    "uniform": pb.SMOOTHING_CONVENTION_UNIFORM,
+    "off_target": pb.SMOOTHING_CONVENTION_OFF_TARGET,
+}
+REDUCTIONS: dict[str, int] = {"mean": pb.REDUCTION_MEAN, "sum": pb.REDUCTION_SUM, "none": pb.REDUCTION_NONE}
+INITS: dict[str, int] = {
+    "label_smoothing": pb.OLS_INIT_LABEL_SMOOTHING,
+    "uniform": pb.OLS_INIT_UNIFORM,
+    "zeros": pb.OLS_INIT_ZEROS,
+}
+EMPTY_CLASS_POLICIES: dict[str, int] = {
+    "keep": pb.EMPTY_CLASS_POLICY_KEEP,
+    "uniform": pb.EMPTY_CLASS_POLICY_UNIFORM,
+    "zero": pb.EMPTY_CLASS_POLICY_ZERO,
+}
+
+
+def _to_wire(table: dict[str, int], option: str, value: str | None) -> int:
+    if value is None:
+        return 0
+    try:
+        return table[value]
+    except KeyError:
+        choices = ", ".join(repr(k) for k in table)
+        raise ValueError(f"Expected `{option}` to be one of {choices} but got {value!r}") from None
+
+
+def _from_wire(table: dict[str, int], value: int) -> str | None:
+    for name, number in table.items():
+        if number == value:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a session computes. ``None`` leaves the choice to the server's default for the kind."""
+
+    kind: LossKind
+    n_classes: int
+    smoothing: float = 0.0
+    convention: Convention | None = None
+    alpha: float | None = None
+    reduction: Reduction = "mean"
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    weight: tuple[float, ...] | None = None
+    init: OlsInit | None = None
+    empty_class: EmptyClassPolicy | None = None
+
+    def to_proto(self) -> pb.SessionSpec:
+        message = pb.SessionSpec(
+            kind=_to_wire(KINDS, "kind", self.kind),
+            n_classes=self.n_classes,
+            smoothing=self.smoothing,
+            convention=_to_wire(CONVENTIONS, "convention", self.convention),
+            reduction=_to_wire(REDUCTIONS, "reduction", self.reduction),
+            ignore_index=self.ignore_index,
+            init=_to_wire(INITS, "init", self.init),
+            empty_class=_to_wire(EMPTY_CLASS_POLICIES, "empty_class", self.empty_class),
+        )
+        if self.alpha is not None:
+            message.alpha = self.alpha
+        if self.weight is not None:
+            message.weight.CopyFrom(_codec.encode(torch.tensor(self.weight, dtype=torch.float64)))
+        return message
+
+    @classmethod
+    def from_proto(cls, message: pb.SessionSpec) -> SessionSpec:
+        """Read a spec; unknown enum values become None and are for the server to reject."""
+        weight = None
+        if message.HasField("weight"):
+            weight = tuple(float(w) for w in _codec.decode(message.weight, "spec.weight").reshape(-1).tolist())
+        return cls(
+            kind=_from_wire(KINDS, message.kind),  # type: ignore[arg-type]
+            n_classes=message.n_classes,
+            smoothing=message.smoothing,
+            convention=_from_wire(CONVENTIONS, message.convention),  # type: ignore[arg-type]
+            alpha=message.alpha if message.HasField("alpha") else None,
+            reduction=_from_wire(REDUCTIONS, message.reduction) or "mean",  # type: ignore[arg-type]
+            ignore_index=message.ignore_index if message.HasField("ignore_index") else DEFAULT_IGNORE_INDEX,
+            weight=weight,
+            init=_from_wire(INITS, message.init),  # type: ignore[arg-type]
+            empty_class=_from_wire(EMPTY_CLASS_POLICIES, message.empty_class),  # type: ignore[arg-type]
+        )

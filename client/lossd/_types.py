@@ -1,0 +1,87 @@
+"""What the client returns: plain dataclasses built from the wire messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lossd import _codec
+from lossd._spec import SessionSpec
+from lossd.v1 import loss_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    spec: SessionSpec
+    epoch: int
+    samples_this_epoch: int
+    correct_this_epoch: int
+    created_at: float
+    updated_at: float
+    state_bytes: int
+
+    @classmethod
+    def from_proto(cls, message: pb.Session) -> SessionInfo:
+        return cls(
+            name=message.name,
+            spec=SessionSpec.from_proto(message.spec),
+            epoch=message.epoch,
+            samples_this_epoch=message.samples_this_epoch,
+            correct_this_epoch=message.correct_this_epoch,
+            created_at=message.created_at,
+            updated_at=message.updated_at,
+            state_bytes=message.state_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """A session's whole OLS state. ``supervise[:, k]`` is the soft label of class k."""
+
+    epoch: int
+    supervise: torch.Tensor  # [C, C] float32
+    accumulator: torch.Tensor  # [C, C] float64
+    counts: torch.Tensor  # [C] int64
+    samples_this_epoch: int = 0
+
+    @classmethod
+    def from_proto(cls, message: pb.SessionState) -> SessionState:
+        return cls(
+            epoch=message.epoch,
+            supervise=_codec.decode(message.supervise, "supervise").clone(),
+            accumulator=_codec.decode(message.accumulator, "accumulator").clone(),
+            counts=_codec.decode(message.counts, "counts").clone(),
+            samples_this_epoch=message.samples_this_epoch,
+        )
+
+    def to_proto(self) -> pb.SessionState:
+        return pb.SessionState(
+            epoch=self.epoch,
+            supervise=_codec.encode(self.supervise),
+            accumulator=_codec.encode(self.accumulator),
+            counts=_codec.encode(self.counts),
+            samples_this_epoch=self.samples_this_epoch,
+        )
+
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: torch.Tensor  # scalar, or [N] for reduction "none"
+    grad: torch.Tensor | None  # [N, C] in the logits' dtype, when asked for
+    n_used: int
+    n_correct: int
+    epoch: int
+    request_id: str
+
+    @classmethod
+    def from_proto(cls, message: pb.LossResponse) -> LossResult:
+        return cls(
+            loss=_codec.decode(message.loss, "loss"),
+            grad=_codec.decode(message.grad, "grad") if message.HasField("grad") else None,
+            n_used=message.n_used,
+            n_correct=message.n_correct,
+            epoch=message.epoch,
+            request_id=message.request_id,
+        )

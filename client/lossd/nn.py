@@ -1,0 +1,300 @@
+"""Drop-in loss modules whose forward and backward run on a lossd server.
+
+Each forward sends the logits and labels once; the server returns the loss and
+d loss / d logits, which backward scales by ``grad_output``. So ``loss.backward()``,
+GradScaler, ``reduction='none'`` and models on any device work as with a local loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+import weakref
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lossd._client import Client
+from lossd._config import DEFAULT_TIMEOUT
+from lossd._spec import SessionSpec
+from lossd._types import SessionInfo, SessionState
+from lossd.functional import DEFAULT_IGNORE_INDEX, EmptyClassPolicy, OlsInit, Reduction, compute_dtype
+
+
+class _RemoteLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, module: RemoteLoss, need_grad: bool) -> torch.Tensor:  # type: ignore[override]
+        result = module.client.compute_loss(
+            module.session, logits.detach(), labels.detach().to("cpu"), training=module.training, need_grad=need_grad
+        )
+        module._epoch = result.epoch
+        ctx.grad = result.grad.to(logits.device) if result.grad is not None else None
+        ctx.per_sample = module.spec.reduction == "none"
+        return result.loss.to(device=logits.device, dtype=logits.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        grad: torch.Tensor | None = ctx.grad
+        if grad is None:
+            return None, None, None, None
+        dtype = compute_dtype(grad.dtype)
+        scale = grad_output.to(dtype).reshape(-1, 1) if ctx.per_sample else grad_output.to(dtype)
+        return (grad.to(dtype) * scale).to(grad.dtype), None, None, None
+
+
+def _close_quietly(client: Client, owns_client: bool, private_session: str | None) -> None:
+    if private_session is not None and not client.closed:
+        try:
+            client.delete_session(private_session)
+        except Exception:  # noqa: BLE001 - best effort at garbage collection; the server may be gone
+            pass
+    if owns_client:
+        client.close()
+
+
+class RemoteLoss(nn.Module):
+    """Base class: one server session per module, one channel per module unless ``client`` is shared.
+
+    ``session=None`` creates a private session that is deleted on :meth:`close`;
+    a named session outlives the module, and a module created with the name of an
+    existing session (same spec) joins it as it stands.
+    """
+
+    def __init__(
+        self,
+        spec: SessionSpec,
+        *,
+        target: str | None = None,
+        session: str | None = None,
+        client: Client | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        self._owns_client = client is None
+        self.client = client if client is not None else Client(target, timeout=timeout)
+        self.session = session or f"private-{uuid.uuid4().hex}"
+        self.spec = spec
+        self._epoch = 0
+        self._created = False
+        self._finalizer = weakref.finalize(
+            self, _close_quietly, self.client, self._owns_client, None if session else self.session
+        )
+        if spec.n_classes:
+            self._create_session(spec.n_classes)
+
+    def _create_session(self, n_classes: int) -> None:
+        """Get-or-create the session; torch-style modules that are not told C do it at the first forward."""
+        info, _ = self.client.create_session(self.session, dataclasses.replace(self.spec, n_classes=n_classes))
+        self.spec, self._epoch, self._created = info.spec, info.epoch, True
+
+    @property
+    def epoch(self) -> int:
+        """The session epoch of the last response this module saw."""
+        return self._epoch
+
+    def info(self) -> SessionInfo:
+        info = self.client.get_session(self.session)
+        self._epoch = info.epoch
+        return info
+
+    def _flatten(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """([M, C] logits, [M] labels, the inverse for per-sample losses). Class dim last by default."""
+        out_shape = input.shape[:-1]
+        return input.reshape(-1, input.shape[-1]), target.reshape(-1), lambda loss: loss.reshape(out_shape)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, labels, unflatten = self._flatten(input, target)
+        if not self._created:
+            self._create_session(logits.shape[1])
+        need_grad = input.requires_grad and torch.is_grad_enabled()
+        loss = _RemoteLoss.apply(logits, labels, self, need_grad)
+        return unflatten(loss) if self.spec.reduction == "none" else loss
+
+    def close(self) -> None:
+        """Close the channel (if this module opened it) and delete a private session."""
+        self._finalizer()
+
+    def __enter__(self) -> RemoteLoss:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def extra_repr(self) -> str:
+        return f"session={self.session!r}, target={self.client.target!r}"
+
+
+def _weight_tuple(weight: torch.Tensor | None) -> tuple[float, ...] | None:
+    return None if weight is None else tuple(float(w) for w in weight.detach().to("cpu", torch.float64).reshape(-1))
+
+
+class CrossEntropyLoss(RemoteLoss):
+    """``torch.nn.CrossEntropyLoss`` computed by lossd: input [N, C, d1, ...] or [C], target [N, d1, ...] or [].
+
+    The session is created at the first forward unless ``n_classes`` (or ``weight``) tells C up front.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        n_classes: int | None = None,
+        **connection: Any,
+    ) -> None:
+        if n_classes is None and weight is not None:
+            n_classes = weight.numel()
+        spec = SessionSpec(
+            kind="label_smoothing" if label_smoothing else "cross_entropy",
+            n_classes=n_classes or 0,  # 0: learnt from the first input
+            smoothing=label_smoothing,
+            convention="uniform",
+            reduction=reduction,
+            ignore_index=ignore_index,
+            weight=_weight_tuple(weight),
+        )
+        super().__init__(spec, **connection)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+
+    def _flatten(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        if input.dim() == 1:  # unbatched [C] with a scalar target
+            return input.unsqueeze(0), target.reshape(1), lambda loss: loss.reshape(())
+        return super()._flatten(input.movedim(1, -1), target)
+
+
+class LabelSmoothingLoss(RemoteLoss):
+    """The common ``LabelSmoothingLoss(classes, smoothing, dim)`` snippet: 1 - eps on the target,
+    eps / (C - 1) elsewhere, averaged over samples (not the ``KLDivLoss`` 'mean' scale)."""
+
+    def __init__(
+        self,
+        classes: int,
+        smoothing: float = 0.0,
+        dim: int = -1,
+        *,
+        reduction: Reduction = "mean",
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        weight: torch.Tensor | None = None,
+        **connection: Any,
+    ) -> None:
+        spec = SessionSpec(
+            kind="label_smoothing",
+            n_classes=classes,
+            smoothing=smoothing,
+            convention="off_target",
+            reduction=reduction,
+            ignore_index=ignore_index,
+            weight=_weight_tuple(weight),
+        )
+        super().__init__(spec, **connection)
+        self.cls, self.smoothing, self.dim = classes, smoothing, dim
+
+    def _flatten(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        return super()._flatten(input.movedim(self.dim, -1), target)
+
+
+class OnlineLabelSmoothing(RemoteLoss):
+    """Online Label Smoothing (Zhang et al., 2021) with the reference module's signature and semantics.
+
+    The soft-label matrix lives on the server: ``supervise[:, k]`` is the soft
+    label of class k. Call :meth:`next_epoch` once per epoch, and ``eval()``
+    during validation so its batches do not count.
+    """
+
+    def __init__(
+        self,
+        alpha: float,
+        n_classes: int,
+        smoothing: float = 0.1,
+        *,
+        init: OlsInit = "label_smoothing",
+        empty_class: EmptyClassPolicy = "keep",
+        reduction: Reduction = "mean",
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+        weight: torch.Tensor | None = None,
+        **connection: Any,
+    ) -> None:
+        spec = SessionSpec(
+            kind="online_label_smoothing",
+            n_classes=n_classes,
+            smoothing=smoothing,
+            convention="off_target",
+            alpha=alpha,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            weight=_weight_tuple(weight),
+            init=init,
+            empty_class=empty_class,
+        )
+        super().__init__(spec, **connection)
+        self.a, self.n_classes = alpha, n_classes
+
+    def next_epoch(self) -> None:
+        """Publish this epoch's soft labels. Fails (FailedPreconditionError) if the session already moved on."""
+        self._epoch = self.client.next_epoch(self.session, self._epoch).epoch
+
+    @property
+    def supervise(self) -> torch.Tensor:
+        """The current C x C soft-label matrix (a CPU copy)."""
+        return self.state().supervise
+
+    def state(self) -> SessionState:
+        state = self.client.get_state(self.session)
+        self._epoch = state.epoch
+        return state
+
+    # The server holds the state, so the module's state_dict fetches it and
+    # load_state_dict pushes it back. Keys follow the reference module
+    # (supervise, update, idx_count), so its checkpoints load too.
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        state = self.state()
+        destination[prefix + "supervise"] = state.supervise
+        destination[prefix + "update"] = state.accumulator
+        destination[prefix + "idx_count"] = state.counts
+        destination[prefix + "epoch"] = torch.tensor(state.epoch)
+        destination[prefix + "samples_this_epoch"] = torch.tensor(state.samples_this_epoch)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        keys = ("supervise", "update", "idx_count")
+        missing = [prefix + key for key in keys if prefix + key not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        counts = state_dict[prefix + "idx_count"]
+        if counts.is_floating_point():  # the reference keeps float32 counts
+            if not bool((counts == counts.round()).all()):
+                error_msgs.append(f"{prefix}idx_count: counts must be whole numbers")
+                return
+            counts = counts.round()
+        epoch = state_dict.get(prefix + "epoch")
+        samples = state_dict.get(prefix + "samples_this_epoch")
+        state = SessionState(
+            epoch=int(epoch) if epoch is not None else self._epoch,
+            supervise=state_dict[prefix + "supervise"].detach().to("cpu", torch.float32),
+            accumulator=state_dict[prefix + "update"].detach().to("cpu", torch.float64),
+            counts=counts.detach().to("cpu", torch.int64),
+            samples_this_epoch=int(samples) if samples is not None else 0,
+        )
+        self._epoch = self.client.load_state(self.session, state).epoch
+        if strict:
+            known = {prefix + key for key in (*keys, "epoch", "samples_this_epoch")}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])

@@ -1,0 +1,55 @@
+"""Decode and validate a LossRequest's tensors against its session's spec, before any state changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lossd import _codec
+from lossd._exceptions import InvalidArgumentError
+from lossd._spec import SessionSpec
+from lossd.v1 import loss_service_pb2 as pb
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass(frozen=True)
+class Batch:
+    logits: torch.Tensor  # [N, C], wire dtype, on the CPU
+    labels: torch.Tensor  # [N] int64, on the CPU
+
+
+def _decode(message: pb.Tensor, field: str) -> torch.Tensor:
+    try:
+        return _codec.decode(message, field)
+    except _codec.CodecError as error:
+        raise InvalidArgumentError(str(error)) from None
+
+
+def decode_batch(request: pb.LossRequest, spec: SessionSpec) -> Batch:
+    if not request.HasField("logits"):
+        raise InvalidArgumentError("logits: required")
+    if not request.HasField("labels"):
+        raise InvalidArgumentError("labels: required")
+    logits = _decode(request.logits, "logits")
+    labels = _decode(request.labels, "labels")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise InvalidArgumentError(f"logits: expected float32, float16, bfloat16 or float64 but got {logits.dtype}")
+    if logits.dim() != 2 or logits.shape[1] != spec.n_classes:
+        raise InvalidArgumentError(f"logits: expected shape [N, {spec.n_classes}] but got {list(logits.shape)}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise InvalidArgumentError(f"labels: expected int64 or int32 but got {labels.dtype}")
+    if tuple(labels.shape) != (logits.shape[0],):
+        raise InvalidArgumentError(f"labels: expected shape [{logits.shape[0]}] but got {list(labels.shape)}")
+    labels = labels.to(torch.int64)
+    in_range = ((labels >= 0) & (labels < spec.n_classes)) | (labels == spec.ignore_index)
+    if not bool(in_range.all()):
+        bad = int(labels[~in_range][0])
+        raise InvalidArgumentError(
+            f"labels: {bad} is outside [0, {spec.n_classes}) and is not ignore_index ({spec.ignore_index})"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise InvalidArgumentError("logits: contains NaN or infinity")
+    return Batch(logits=logits, labels=labels)

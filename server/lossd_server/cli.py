@@ -1,0 +1,50 @@
+"""``lossd`` command line. ``lossd serve`` flags override the LOSSD_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from lossd_server import __version__
+from lossd_server.app import serve
+from lossd_server.config import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lossd", description="Loss-as-a-service for classifier training.")
+    parser.add_argument("--version", action="version", version=f"lossd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the gRPC server", argument_default=argparse.SUPPRESS)
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation if field.annotation in (int, float) else str
+        run.add_argument(flag, dest=name, type=kind, help=f"{field.description or ''} [env LOSSD_{name.upper()}]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "serve":
+        try:
+            settings = Settings(**args)
+        except ValidationError as error:
+            print(f"lossd serve: invalid settings:\n{error}", file=sys.stderr)
+            return 2
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        try:
+            asyncio.run(serve(settings))
+        except (OSError, ValueError) as error:
+            print(f"lossd serve: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

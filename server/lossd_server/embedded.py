@@ -1,0 +1,49 @@
+"""A server on a background thread: for tests, and for tools that need one without a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import TracebackType
+
+from lossd_server.app import Running, start
+from lossd_server.config import Settings
+
+
+class EmbeddedServer:
+    """``with EmbeddedServer(Settings(port=0)) as server: ... server.target``."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings(port=0)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lossd-embedded", daemon=True)
+        self._running: Running | None = None
+
+    @property
+    def target(self) -> str:
+        if self._running is None:
+            raise RuntimeError("the server is not running")
+        return f"{self.settings.host}:{self._running.port}"
+
+    def start(self) -> EmbeddedServer:
+        self._thread.start()
+        self._running = asyncio.run_coroutine_threadsafe(start(self.settings), self._loop).result()
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            wait = self.settings.grace_seconds if grace is None else grace
+            asyncio.run_coroutine_threadsafe(running.stop(wait), self._loop).result()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,72 @@
+"""The one place where exceptions become gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from lossd._exceptions import LossdError
+
+log = logging.getLogger("lossd_server")
+
+
+def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """Domain errors keep their code; anything else is INTERNAL and logged with its traceback."""
+    if isinstance(error, LossdError):
+        return error.code, error.message
+    log.error("unexpected error in %s", method, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}; see the server log"
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Aborts a call with the status of the exception its handler raised."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))  # type: ignore[attr-defined,no-any-return]
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))  # type: ignore[attr-defined,no-any-return]
+        return handler
+
+
+async def _abort(context: aio.ServicerContext, error: Exception, method: str) -> None:
+    code, message = status_of(error, method)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never a crash
+            await _abort(context, error, method)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request_iterator, context):
+                yield response
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _abort(context, error, method)
+
+    return wrapper

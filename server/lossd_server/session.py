@@ -1,0 +1,170 @@
+"""One session: its spec and, for OLS, the soft labels and this epoch's statistics.
+
+The math lives in ``lossd.functional``; this class only owns state and its lock,
+so concurrent requests never lose or double-apply an update.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lossd import functional as F
+from lossd._exceptions import FailedPreconditionError, InvalidArgumentError
+from lossd._spec import SessionSpec
+
+from lossd_server.batch import Batch
+
+
+def state_bytes(spec: SessionSpec) -> int:
+    """Memory of the session's matrices: float32 soft labels, float64 accumulator, int64 counts."""
+    if spec.kind != "online_label_smoothing":
+        return 0
+    c = spec.n_classes
+    return c * c * (4 + 8) + c * 8
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    epoch: int
+    soft_labels: torch.Tensor  # class-major [C, C] float32, CPU
+    accumulator: torch.Tensor  # class-major [C, C] float64, CPU
+    counts: torch.Tensor  # [C] int64, CPU
+    samples_this_epoch: int
+
+
+@dataclass(frozen=True)
+class Result:
+    output: F.LossOutput
+    epoch: int
+
+
+class Session:
+    def __init__(self, name: str, spec: SessionSpec, device: torch.device) -> None:
+        self.name = name
+        self.spec = spec
+        self.device = device
+        self.created_at = self.updated_at = time.time()
+        self.epoch = 0
+        self.samples_this_epoch = 0
+        self.correct_this_epoch = 0
+        self._lock = threading.Lock()
+        self._weight = (
+            torch.tensor(spec.weight, dtype=torch.float64, device=device) if spec.weight is not None else None
+        )
+        self._ols = spec.kind == "online_label_smoothing"
+        c = spec.n_classes
+        if self._ols:
+            assert spec.init is not None and spec.convention in ("uniform", "off_target")
+            self._soft_labels = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=device)
+            self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=device)
+            self._counts = torch.zeros(c, dtype=torch.int64, device=device)
+
+    @property
+    def state_bytes(self) -> int:
+        return state_bytes(self.spec)
+
+    def _forward(self, batch: Batch, need_grad: bool, soft_labels: torch.Tensor | None) -> F.LossOutput:
+        spec = self.spec
+        logits = batch.logits.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        options = dict(weight=self._weight, ignore_index=spec.ignore_index, reduction=spec.reduction, need_grad=need_grad)
+        if soft_labels is not None:
+            assert spec.alpha is not None
+            return F.online_label_smoothing(logits, labels, soft_labels, alpha=spec.alpha, **options)  # type: ignore[arg-type]
+        assert spec.convention is not None
+        return F.smoothed_cross_entropy(
+            logits, labels, smoothing=spec.smoothing, convention=spec.convention, **options  # type: ignore[arg-type]
+        )
+
+    def _soft_labels_or_none(self) -> torch.Tensor | None:
+        return self._soft_labels if self._ols else None
+
+    def compute(self, batch: Batch, *, training: bool, need_grad: bool) -> Result:
+        """Loss and gradient; in training mode, also this epoch's statistics, atomically."""
+        if not training:
+            # Eval takes a consistent (epoch, soft labels) pair and computes outside the lock:
+            # next_epoch and restore replace the soft-label tensor, they never write into it.
+            with self._lock:
+                epoch, soft_labels = self.epoch, self._soft_labels_or_none()
+            return Result(self._forward(batch, need_grad, soft_labels), epoch)
+        with self._lock:
+            output = self._forward(batch, need_grad, self._soft_labels_or_none())
+            labels = batch.labels.to(self.device)
+            if self._ols:
+                rows, probs = F.correct_rows(output, labels)
+                self._accumulator.index_add_(0, rows, probs)
+                self._counts.index_add_(0, rows, torch.ones_like(rows))
+            self.samples_this_epoch += output.n_used
+            self.correct_this_epoch += output.n_correct
+            self.updated_at = time.time()
+            return Result(output, self.epoch)
+
+    def next_epoch(self, expected: int | None) -> None:
+        with self._lock:
+            if expected is not None and expected != self.epoch:
+                raise FailedPreconditionError(
+                    f"session {self.name!r} is at epoch {self.epoch}, but next_epoch was called for epoch {expected}"
+                )
+            if self._ols:
+                assert self.spec.empty_class is not None
+                self._soft_labels = F.next_soft_labels(
+                    self._accumulator, self._counts, self._soft_labels, self.spec.empty_class
+                )
+                self._accumulator.zero_()
+                self._counts.zero_()
+            self.epoch += 1
+            self.samples_this_epoch = 0
+            self.correct_this_epoch = 0
+            self.updated_at = time.time()
+
+    def snapshot(self) -> StateSnapshot:
+        with self._lock:
+            if self._ols:
+                soft, acc, counts = (t.to("cpu", copy=True) for t in (self._soft_labels, self._accumulator, self._counts))
+            else:  # stateless kinds carry empty matrices
+                soft = torch.zeros((0, 0), dtype=torch.float32)
+                acc = torch.zeros((0, 0), dtype=torch.float64)
+                counts = torch.zeros(0, dtype=torch.int64)
+            return StateSnapshot(self.epoch, soft, acc, counts, self.samples_this_epoch)
+
+    def restore(self, state: StateSnapshot) -> None:
+        """Replace the whole state. ``state`` must already be validated by :func:`check_state`."""
+        check_state(self.spec, state)
+        with self._lock:
+            if self._ols:
+                self._soft_labels = state.soft_labels.to(self.device, torch.float32, copy=True)
+                self._accumulator = state.accumulator.to(self.device, torch.float64, copy=True)
+                self._counts = state.counts.to(self.device, torch.int64, copy=True)
+            self.epoch = state.epoch
+            self.samples_this_epoch = state.samples_this_epoch
+            self.correct_this_epoch = int(state.counts.sum()) if self._ols else 0
+            self.updated_at = time.time()
+
+
+def check_state(spec: SessionSpec, state: StateSnapshot) -> None:
+    """InvalidArgumentError naming the field of a state that does not fit the spec."""
+    c = spec.n_classes if spec.kind == "online_label_smoothing" else 0
+    if state.epoch < 0:
+        raise InvalidArgumentError(f"state.epoch: expected >= 0 but got {state.epoch}")
+    if state.samples_this_epoch < 0:
+        raise InvalidArgumentError(f"state.samples_this_epoch: expected >= 0 but got {state.samples_this_epoch}")
+    for field, tensor, shape in (
+        ("supervise", state.soft_labels, (c, c)),
+        ("accumulator", state.accumulator, (c, c)),
+        ("counts", state.counts, (c,)),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise InvalidArgumentError(f"state.{field}: expected shape {list(shape)} but got {list(tensor.shape)}")
+    for field, tensor in (("supervise", state.soft_labels), ("accumulator", state.accumulator)):
+        if not tensor.is_floating_point():
+            raise InvalidArgumentError(f"state.{field}: expected a floating point tensor but got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgumentError(f"state.{field}: contains NaN or infinity")
+    if state.counts.is_floating_point() or state.counts.dtype == torch.bool:
+        raise InvalidArgumentError(f"state.counts: expected int64 or int32 but got {state.counts.dtype}")
+    if bool((state.counts < 0).any()):
+        raise InvalidArgumentError("state.counts: negative count")

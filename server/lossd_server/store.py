@@ -1,0 +1,94 @@
+"""Where sessions live. In-memory for now, behind one interface so a durable store can replace it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from typing import Protocol
+
+import torch
+
+from lossd._exceptions import AlreadyExistsError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from lossd._spec import SessionSpec
+
+from lossd_server.session import Session, state_bytes
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
+
+
+def check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            f"name: expected 1-256 characters of letters, digits and ._:/@+=- starting with a letter or digit, got {name!r}"
+        )
+
+
+def _spec_diff(existing: SessionSpec, requested: SessionSpec) -> str:
+    parts = []
+    for field in dataclasses.fields(SessionSpec):
+        old, new = getattr(existing, field.name), getattr(requested, field.name)
+        if old != new:
+            parts.append(f"{field.name} is {old!r}, requested {new!r}" if field.name != "weight" else "weight differs")
+    return "; ".join(parts)
+
+
+class SessionStore(Protocol):
+    def create(self, name: str, spec: SessionSpec) -> tuple[Session, bool]:
+        """Get-or-create: (session, created). Another spec under the name is AlreadyExistsError."""
+
+    def get(self, name: str) -> Session: ...
+
+    def list(self) -> list[Session]: ...
+
+    def delete(self, name: str) -> None: ...
+
+
+class MemoryStore:
+    def __init__(self, *, device: torch.device, max_sessions: int, matrix_memory_bytes: int) -> None:
+        self._device = device
+        self._max_sessions = max_sessions
+        self._matrix_memory_bytes = matrix_memory_bytes
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def _used_bytes(self) -> int:
+        return sum(session.state_bytes for session in self._sessions.values())
+
+    def create(self, name: str, spec: SessionSpec) -> tuple[Session, bool]:
+        check_name(name)
+        with self._lock:
+            existing = self._sessions.get(name)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise AlreadyExistsError(f"session {name!r} exists with another spec: {_spec_diff(existing.spec, spec)}")
+                return existing, False
+            if len(self._sessions) >= self._max_sessions:
+                raise ResourceExhaustedError(
+                    f"too many sessions: {len(self._sessions)} of max_sessions={self._max_sessions} are in use"
+                )
+            needed, used = state_bytes(spec), self._used_bytes()
+            if used + needed > self._matrix_memory_bytes:
+                raise ResourceExhaustedError(
+                    f"session {name!r} needs {needed} bytes of matrices (n_classes={spec.n_classes}); "
+                    f"{used} of matrix_memory_bytes={self._matrix_memory_bytes} are in use"
+                )
+            session = Session(name, spec, self._device)
+            self._sessions[name] = session
+            return session, True
+
+    def get(self, name: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(name)
+        if session is None:
+            raise NotFoundError(f"session {name!r} not found")
+        return session
+
+    def list(self) -> list[Session]:
+        with self._lock:
+            return sorted(self._sessions.values(), key=lambda session: session.name)
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            if self._sessions.pop(name, None) is None:
+                raise NotFoundError(f"session {name!r} not found")
