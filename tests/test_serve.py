@@ -1,0 +1,148 @@
+"""`lossd serve` as a process: settings, the standard services, message limits and graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import lossd
+from lossd_server import cli
+from lossd_server import session as session_module
+from lossd_server.config import Settings
+from lossd_server.embedded import EmbeddedServer
+
+
+@pytest.fixture()
+def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A `lossd serve` process on an ephemeral loopback port, configured partly by environment."""
+    env = {**os.environ, "LOSSD_DEVICE": "cpu", "LOSSD_WORKERS": "2", "LOSSD_TORCH_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lossd_server", "serve", "--host", "127.0.0.1", "--port", "0", "--grace-seconds", "2"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    line = process.stderr.readline()
+    match = re.search(r"serving on (127\.0\.0\.1:\d+) \(device=cpu", line)
+    assert match, f"unexpected start-up line: {line!r}"
+    try:
+        yield process, match.group(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        process.stderr.close()
+
+
+def test_serve_logs_address_device_version_and_answers_health(served: tuple[subprocess.Popen[str], str]) -> None:
+    _, target = served
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "lossd.v1.LossService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_and_describes_the_service(served: tuple[subprocess.Popen[str], str]) -> None:
+    _, target = served
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="lossd.v1.LossService"),
+        ]
+        listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"lossd.v1.LossService", "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_sigterm_drains_and_exits_cleanly(served: tuple[subprocess.Popen[str], str]) -> None:
+    process, target = served
+    with lossd.Client(target) as client:
+        client.create_session("run", lossd.SessionSpec(kind="cross_entropy", n_classes=3))
+        result = client.compute_loss("run", torch.zeros(2, 3), torch.tensor([0, 1]))  # leaves a stream open
+        assert result.n_used == 2
+        process.send_signal(signal.SIGTERM)
+        # The open stream is cancelled after the grace period rather than holding the server up.
+        assert process.wait(timeout=15) == 0
+    assert process.stderr is not None
+    log = process.stderr.read()
+    assert "draining" in log and "stopped" in log
+
+
+def test_stop_lets_a_call_in_flight_finish(monkeypatch: pytest.MonkeyPatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    original = session_module.Session.compute
+
+    def slow_compute(self: session_module.Session, *args: object, **kwargs: object) -> object:
+        entered.set()
+        release.wait(timeout=30)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session_module.Session, "compute", slow_compute)
+    server = EmbeddedServer(Settings(port=0, device="cpu", grace_seconds=10)).start()
+    client = lossd.Client(server.target)
+    client.create_session("drain", lossd.SessionSpec(kind="cross_entropy", n_classes=3))
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        outcome["result"] = client.compute_loss("drain", torch.zeros(2, 3), torch.tensor([0, 1]), stream=False)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert entered.wait(timeout=10)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    release.set()
+    caller.join(timeout=30)
+    stopper.join(timeout=30)
+    client.close()
+    assert isinstance(outcome.get("result"), lossd.LossResult)
+
+
+def test_messages_above_grpc_default_4mib_pass(client: lossd.Client, session_name: str) -> None:
+    client.create_session(session_name, lossd.SessionSpec(kind="cross_entropy", n_classes=1000))
+    logits = torch.randn(1200, 1000)  # 4.8 MB of float32
+    result = client.compute_loss(session_name, logits, torch.randint(0, 1000, (1200,)))
+    assert result.grad is not None and result.grad.shape == (1200, 1000)
+
+
+def test_server_message_limit_is_configurable() -> None:
+    with EmbeddedServer(Settings(port=0, device="cpu", max_message_bytes=4 << 20)) as server:
+        with lossd.Client(server.target) as client:
+            client.create_session("small", lossd.SessionSpec(kind="cross_entropy", n_classes=1000))
+            with pytest.raises(lossd.ResourceExhaustedError):
+                client.compute_loss("small", torch.randn(1200, 1000), torch.zeros(1200, dtype=torch.long), stream=False)
+
+
+def test_environment_settings_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOSSD_WORKERS", "3")
+    monkeypatch.setenv("LOSSD_PORT", "6000")
+    assert Settings().workers == 3
+    assert Settings(port=7000).port == 7000  # a flag beats the environment
+
+
+@pytest.mark.parametrize("argv", [["serve", "--device", "tpu"], ["serve", "--port", "70000"]])
+def test_invalid_settings_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    assert "invalid settings" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_cuda_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    assert cli.main(["serve", "--port", "0", "--device", "cuda"]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err
