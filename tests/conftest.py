@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -16,9 +17,14 @@ from lossd_server.embedded import EmbeddedServer
 torch.set_num_threads(1)
 
 
+# LOSSD_TEST_DEVICE=cuda runs the whole suite against a server computing on the GPU.
+TEST_DEVICE = os.environ.get("LOSSD_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[EmbeddedServer]:
-    with EmbeddedServer(Settings(host="127.0.0.1", port=0, device="cpu", workers=4, grace_seconds=1)) as running:
+    settings = Settings(host="127.0.0.1", port=0, device=TEST_DEVICE, workers=4, grace_seconds=1)
+    with EmbeddedServer(settings) as running:
         yield running
 
 
