@@ -34,27 +34,32 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  device-to-device copy: {bandwidth / 1e12:.2f} TB/s")
     print(f"{'shape':>14} {'dtype':>9} {'kind':>6} {'ms':>8} {'floor ms':>9} {'ratio':>6}")
     for n, c, dtype in ((256, 1000, torch.float32), (1024, 1000, torch.float32), (1024, 32000, torch.bfloat16)):
-        logits = torch.randn(n, c, device=device).to(dtype)
-        labels = torch.randint(0, c, (n,), device=device)
-        soft = F.initial_soft_labels(c, 0.1, device=device)
-        acc = torch.zeros(c, c, dtype=torch.float64, device=device)
-        floor_ms = 2 * logits.numel() * logits.element_size() / bandwidth * 1e3
+        _time_shape(n, c, dtype, bandwidth)
 
-        def ols() -> None:
-            out = F.online_label_smoothing(logits, labels, soft, alpha=0.5)
-            assert out.grad is not None
-            out.grad.to(dtype)
-            rows, probs = F.correct_rows(out, labels)
-            acc.index_add_(0, rows, probs)
 
-        def ls() -> None:
-            out = F.smoothed_cross_entropy(logits, labels, smoothing=0.1)
-            assert out.grad is not None
-            out.grad.to(dtype)
+def _time_shape(n: int, c: int, dtype: torch.dtype, bandwidth: float) -> None:
+    device = torch.device("cuda")
+    logits = torch.randn(n, c, device=device).to(dtype)
+    labels = torch.randint(0, c, (n,), device=device)
+    soft = F.initial_soft_labels(c, 0.1, device=device)
+    acc = torch.zeros(c, c, dtype=torch.float64, device=device)
+    floor_ms = 2 * logits.numel() * logits.element_size() / bandwidth * 1e3
 
-        for kind, fn in (("ls", ls), ("ols", ols)):
-            ms = _median_ms(fn)
-            print(f"{n:>6}x{c:<7} {str(dtype)[6:]:>9} {kind:>6} {ms:8.3f} {floor_ms:9.3f} {ms / floor_ms:6.1f}")
+    def ols() -> None:
+        out = F.online_label_smoothing(logits, labels, soft, alpha=0.5)
+        assert out.grad is not None
+        out.grad.to(dtype)
+        rows, probs = F.correct_rows(out, labels)
+        acc.index_add_(0, rows, probs)
+
+    def ls() -> None:
+        out = F.smoothed_cross_entropy(logits, labels, smoothing=0.1)
+        assert out.grad is not None
+        out.grad.to(dtype)
+
+    for kind, fn in (("ls", ls), ("ols", ols)):
+        ms = _median_ms(fn)
+        print(f"{n:>6}x{c:<7} {str(dtype)[6:]:>9} {kind:>6} {ms:8.3f} {floor_ms:9.3f} {ms / floor_ms:6.1f}")
 
 
 if __name__ == "__main__":

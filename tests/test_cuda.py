@@ -18,12 +18,16 @@ pytestmark = [
 
 C = 37
 SPECS = {
-    "ce_weighted": lossd.SessionSpec(kind="cross_entropy", n_classes=C, weight=tuple(float(i % 5 + 1) for i in range(C))),
+    "ce_weighted": lossd.SessionSpec(
+        kind="cross_entropy", n_classes=C, weight=tuple(float(i % 5 + 1) for i in range(C))
+    ),
     "ls_uniform_sum": lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, reduction="sum"),
     "ls_off_target_none": lossd.SessionSpec(
         kind="label_smoothing", n_classes=C, smoothing=0.2, convention="off_target", reduction="none", ignore_index=3
     ),
-    "ols": lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.4, empty_class="uniform"),
+    "ols": lossd.SessionSpec(
+        kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.4, empty_class="uniform"
+    ),
 }
 
 

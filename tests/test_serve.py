@@ -121,11 +121,11 @@ def test_messages_above_grpc_default_4mib_pass(client: lossd.Client, session_nam
 
 
 def test_server_message_limit_is_configurable() -> None:
-    with EmbeddedServer(Settings(port=0, device="cpu", max_message_bytes=4 << 20)) as server:
-        with lossd.Client(server.target) as client:
-            client.create_session("small", lossd.SessionSpec(kind="cross_entropy", n_classes=1000))
-            with pytest.raises(lossd.ResourceExhaustedError):
-                client.compute_loss("small", torch.randn(1200, 1000), torch.zeros(1200, dtype=torch.long), stream=False)
+    settings = Settings(port=0, device="cpu", max_message_bytes=4 << 20)
+    with EmbeddedServer(settings) as server, lossd.Client(server.target) as client:
+        client.create_session("small", lossd.SessionSpec(kind="cross_entropy", n_classes=1000))
+        with pytest.raises(lossd.ResourceExhaustedError):
+            client.compute_loss("small", torch.randn(1200, 1000), torch.zeros(1200, dtype=torch.long), stream=False)
 
 
 def test_environment_settings_and_flag_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ import enum
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -83,7 +83,7 @@ class Client:
     ) -> None:
         self.config = ClientConfig.resolve(target, timeout=timeout, max_message_bytes=max_message_bytes)
         self._channel = grpc.insecure_channel(self.config.target, options=self.config.channel_options())
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._stream: LossStream | None = None
         self._stream_lock = threading.Lock()
         self._state = ClientState.OPEN
@@ -139,7 +139,12 @@ class Client:
 
     @staticmethod
     def _loss_request(
-        session: str, logits: torch.Tensor, labels: torch.Tensor, training: bool, need_grad: bool, request_id: str | None
+        session: str,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        training: bool,
+        need_grad: bool,
+        request_id: str | None,
     ) -> pb.LossRequest:
         return pb.LossRequest(
             session=session,

@@ -13,7 +13,7 @@ from lossd.v1 import loss_service_pb2 as pb
 if sys.byteorder != "little":  # the wire format is little-endian; torch tensors are native-endian
     raise ImportError("lossd's tensor codec supports little-endian hosts only")
 
-_TO_TORCH: dict[int, torch.dtype] = {
+_TO_TORCH: dict[pb.DType.ValueType, torch.dtype] = {
     pb.DTYPE_FLOAT32: torch.float32,
     pb.DTYPE_FLOAT16: torch.float16,
     pb.DTYPE_BFLOAT16: torch.bfloat16,
@@ -21,7 +21,7 @@ _TO_TORCH: dict[int, torch.dtype] = {
     pb.DTYPE_INT64: torch.int64,
     pb.DTYPE_INT32: torch.int32,
 }
-_TO_WIRE: dict[torch.dtype, int] = {v: k for k, v in _TO_TORCH.items()}
+_TO_WIRE: dict[torch.dtype, pb.DType.ValueType] = {v: k for k, v in _TO_TORCH.items()}
 
 # torch.frombuffer warns once per process that protobuf's immutable bytes are not
 # writable. Decoded tensors are only ever read, so take that one warning here,
@@ -39,7 +39,7 @@ class CodecError(ValueError):
         self.field = field
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> pb.DType.ValueType:
     try:
         return _TO_WIRE[dtype]
     except KeyError:
@@ -51,7 +51,7 @@ def torch_dtype(message: pb.Tensor, field: str = "tensor") -> torch.dtype:
     try:
         return _TO_TORCH[message.dtype]
     except KeyError:
-        raise CodecError(field, f"unsupported dtype {pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else message.dtype}") from None
+        raise CodecError(field, f"unsupported dtype {message.dtype}") from None
 
 
 def encode(tensor: torch.Tensor) -> pb.Tensor:

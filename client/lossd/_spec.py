@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -36,7 +36,7 @@ EMPTY_CLASS_POLICIES: dict[str, int] = {
 }
 
 
-def _to_wire(table: dict[str, int], option: str, value: str | None) -> int:
+def _to_wire(table: dict[str, int], option: str, value: str | None) -> Any:  # an enum ValueType
     if value is None:
         return 0
     try:

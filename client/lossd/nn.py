@@ -7,6 +7,7 @@ GradScaler, ``reduction='none'`` and models on any device work as with a local l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 import weakref
@@ -26,7 +27,9 @@ from lossd.functional import DEFAULT_IGNORE_INDEX, EmptyClassPolicy, OlsInit, Re
 
 class _RemoteLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, module: RemoteLoss, need_grad: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, logits: torch.Tensor, labels: torch.Tensor, module: RemoteLoss, need_grad: bool
+    ) -> torch.Tensor:
         result = module.client.compute_loss(
             module.session, logits.detach(), labels.detach().to("cpu"), training=module.training, need_grad=need_grad
         )
@@ -48,10 +51,8 @@ class _RemoteLoss(torch.autograd.Function):
 
 def _close_quietly(client: Client, owns_client: bool, private_session: str | None) -> None:
     if private_session is not None and not client.closed:
-        try:
+        with contextlib.suppress(Exception):  # best effort at garbage collection; the server may be gone
             client.delete_session(private_session)
-        except Exception:  # noqa: BLE001 - best effort at garbage collection; the server may be gone
-            pass
     if owns_client:
         client.close()
 
@@ -101,7 +102,9 @@ class RemoteLoss(nn.Module):
         self._epoch = info.epoch
         return info
 
-    def _flatten(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    def _flatten(
+        self, input: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """([M, C] logits, [M] labels, the inverse for per-sample losses). Class dim last by default."""
         out_shape = input.shape[:-1]
         return input.reshape(-1, input.shape[-1]), target.reshape(-1), lambda loss: loss.reshape(out_shape)
@@ -111,7 +114,7 @@ class RemoteLoss(nn.Module):
         if not self._created:
             self._create_session(logits.shape[1])
         need_grad = input.requires_grad and torch.is_grad_enabled()
-        loss = _RemoteLoss.apply(logits, labels, self, need_grad)
+        loss: torch.Tensor = _RemoteLoss.apply(logits, labels, self, need_grad)  # type: ignore[no-untyped-call]
         return unflatten(loss) if self.spec.reduction == "none" else loss
 
     def close(self) -> None:
@@ -165,7 +168,9 @@ class CrossEntropyLoss(RemoteLoss):
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
 
-    def _flatten(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    def _flatten(
+        self, input: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         if input.dim() == 1:  # unbatched [C] with a scalar target
             return input.unsqueeze(0), target.reshape(1), lambda loss: loss.reshape(())
         return super()._flatten(input.movedim(1, -1), target)
@@ -198,7 +203,9 @@ class LabelSmoothingLoss(RemoteLoss):
         super().__init__(spec, **connection)
         self.cls, self.smoothing, self.dim = classes, smoothing, dim
 
-    def _flatten(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    def _flatten(
+        self, input: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         return super()._flatten(input.movedim(self.dim, -1), target)
 
 
@@ -297,4 +304,6 @@ class OnlineLabelSmoothing(RemoteLoss):
         self._epoch = self.client.load_state(self.session, state).epoch
         if strict:
             known = {prefix + key for key in (*keys, "epoch", "samples_this_epoch")}
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix):])
+            unexpected_keys.extend(
+                k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix) :]
+            )

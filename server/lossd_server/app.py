@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection
 
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-
 from lossd_server import __version__
 from lossd_server.config import Settings
 from lossd_server.device import resolve_device
@@ -55,7 +54,7 @@ async def start(settings: Settings) -> Running:
     store = MemoryStore(
         device=device, max_sessions=settings.max_sessions, matrix_memory_bytes=settings.matrix_memory_bytes
     )
-    pb_grpc.add_LossServiceServicer_to_server(LossServicer(store, executor), server)
+    pb_grpc.add_LossServiceServicer_to_server(LossServicer(store, executor), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -69,7 +68,12 @@ async def start(settings: Settings) -> Running:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "lossd %s serving on %s:%d (device=%s, torch=%s, workers=%d)",
-        __version__, settings.host, port, device, torch.__version__, settings.workers,
+        __version__,
+        settings.host,
+        port,
+        device,
+        torch.__version__,
+        settings.workers,
     )
     return Running(server, health_servicer, executor, port, device)
 

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("serve", help="run the gRPC server", argument_default=argparse.SUPPRESS)
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        kind = field.annotation if field.annotation in (int, float) else str
+        kind: type = field.annotation if field.annotation in (int, float) else str  # type: ignore[assignment]
         run.add_argument(flag, dest=name, type=kind, help=f"{field.description or ''} [env LOSSD_{name.upper()}]")
     return parser
 

@@ -23,7 +23,7 @@ def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}; see the server log"
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Aborts a call with the status of the exception its handler raised."""
 
     async def intercept_service(
@@ -36,9 +36,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))  # type: ignore[attr-defined,no-any-return]
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
         if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))  # type: ignore[attr-defined,no-any-return]
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
         return handler
 
 
@@ -53,7 +53,7 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
             return await behavior(request, context)
         except (aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as error:  # noqa: BLE001 - mapped to a status, never a crash
+        except Exception as error:
             await _abort(context, error, method)
 
     return wrapper
@@ -66,7 +66,7 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
                 yield response
         except (aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             await _abort(context, error, method)
 
     return wrapper

@@ -18,7 +18,6 @@ from lossd import _codec
 from lossd._exceptions import InvalidArgumentError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-
 from lossd_server.batch import decode_batch
 from lossd_server.errors import status_of
 from lossd_server.session import Session, StateSnapshot
@@ -55,16 +54,24 @@ class LossServicer(pb_grpc.LossServiceServicer):
         session, created = self._store.create(request.name, canonical_spec(request.spec))
         return pb.CreateSessionResponse(session=session_message(session), created=created)
 
-    async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: aio.ServicerContext
+    ) -> pb.CreateSessionResponse:
         return await self._run(self._create, request)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.Session:
         return await self._run(lambda: session_message(self._store.get(request.name)))
 
-    async def ListSessions(self, request: pb.ListSessionsRequest, context: aio.ServicerContext) -> pb.ListSessionsResponse:
-        return await self._run(lambda: pb.ListSessionsResponse(sessions=[session_message(s) for s in self._store.list()]))
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        return await self._run(
+            lambda: pb.ListSessionsResponse(sessions=[session_message(s) for s in self._store.list()])
+        )
 
-    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: aio.ServicerContext) -> pb.DeleteSessionResponse:
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: aio.ServicerContext
+    ) -> pb.DeleteSessionResponse:
         await self._run(self._store.delete, request.name)
         return pb.DeleteSessionResponse()
 
@@ -95,9 +102,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         async for request in request_iterator:
             try:
                 response = await self._run(self._compute, request)
-            except Exception as error:  # noqa: BLE001 - reported in-band; the stream stays open
+            except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
-                response = pb.LossResponse(request_id=request.request_id, error=pb.Error(code=code.value[0], message=message))
+                response = pb.LossResponse(
+                    request_id=request.request_id, error=pb.Error(code=code.value[0], message=message)
+                )
             yield response
 
     # Epochs and state ---------------------------------------------------------

@@ -15,7 +15,6 @@ import torch
 from lossd import functional as F
 from lossd._exceptions import FailedPreconditionError, InvalidArgumentError
 from lossd._spec import SessionSpec
-
 from lossd_server.batch import Batch
 
 
@@ -71,13 +70,19 @@ class Session:
         spec = self.spec
         logits = batch.logits.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        options = dict(weight=self._weight, ignore_index=spec.ignore_index, reduction=spec.reduction, need_grad=need_grad)
+        options = dict(
+            weight=self._weight, ignore_index=spec.ignore_index, reduction=spec.reduction, need_grad=need_grad
+        )
         if soft_labels is not None:
             assert spec.alpha is not None
             return F.online_label_smoothing(logits, labels, soft_labels, alpha=spec.alpha, **options)  # type: ignore[arg-type]
         assert spec.convention is not None
         return F.smoothed_cross_entropy(
-            logits, labels, smoothing=spec.smoothing, convention=spec.convention, **options  # type: ignore[arg-type]
+            logits,
+            labels,
+            smoothing=spec.smoothing,
+            convention=spec.convention,
+            **options,  # type: ignore[arg-type]
         )
 
     def _soft_labels_or_none(self) -> torch.Tensor | None:
@@ -124,7 +129,9 @@ class Session:
     def snapshot(self) -> StateSnapshot:
         with self._lock:
             if self._ols:
-                soft, acc, counts = (t.to("cpu", copy=True) for t in (self._soft_labels, self._accumulator, self._counts))
+                soft, acc, counts = (
+                    t.to("cpu", copy=True) for t in (self._soft_labels, self._accumulator, self._counts)
+                )
             else:  # stateless kinds carry empty matrices
                 soft = torch.zeros((0, 0), dtype=torch.float32)
                 acc = torch.zeros((0, 0), dtype=torch.float64)

@@ -46,7 +46,9 @@ def canonical_spec(message: pb.SessionSpec) -> SessionSpec:
     ):
         _check_enum(table, field, getattr(message, field))
     if not 2 <= message.n_classes <= MAX_CLASSES:
-        raise InvalidArgumentError(f"spec.n_classes: expected 2 <= n_classes <= {MAX_CLASSES} but got {message.n_classes}")
+        raise InvalidArgumentError(
+            f"spec.n_classes: expected 2 <= n_classes <= {MAX_CLASSES} but got {message.n_classes}"
+        )
     if not (math.isfinite(message.smoothing) and 0.0 <= message.smoothing < 1.0):
         raise InvalidArgumentError(f"spec.smoothing: expected 0 <= smoothing < 1 but got {message.smoothing}")
     if message.HasField("weight"):

@@ -11,7 +11,6 @@ import torch
 
 from lossd._exceptions import AlreadyExistsError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from lossd._spec import SessionSpec
-
 from lossd_server.session import Session, state_bytes
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
@@ -20,7 +19,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
 def check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
         raise InvalidArgumentError(
-            f"name: expected 1-256 characters of letters, digits and ._:/@+=- starting with a letter or digit, got {name!r}"
+            f"name: expected 1-256 letters, digits and ._:/@+=- starting with a letter or digit, got {name!r}"
         )
 
 
@@ -61,7 +60,9 @@ class MemoryStore:
             existing = self._sessions.get(name)
             if existing is not None:
                 if existing.spec != spec:
-                    raise AlreadyExistsError(f"session {name!r} exists with another spec: {_spec_diff(existing.spec, spec)}")
+                    raise AlreadyExistsError(
+                        f"session {name!r} exists with another spec: {_spec_diff(existing.spec, spec)}"
+                    )
                 return existing, False
             if len(self._sessions) >= self._max_sessions:
                 raise ResourceExhaustedError(
