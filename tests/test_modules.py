@@ -78,7 +78,7 @@ def test_mlp_trained_through_lossd_cross_entropy_matches_torch(server, dtype: to
     reference = nn.CrossEntropyLoss(label_smoothing=0.1)
     with lossd.CrossEntropyLoss(label_smoothing=0.1, target=server.target) as criterion:
         for step in range(20):
-            xb, yb = x[step * 16:(step + 1) * 16], y[step * 16:(step + 1) * 16]
+            xb, yb = x[step * 16 : (step + 1) * 16], y[step * 16 : (step + 1) * 16]
             for model, opt, loss_fn in ((local, opt_local, reference), (remote, opt_remote, criterion)):
                 opt.zero_grad()
                 loss = loss_fn(model(xb), yb)
@@ -143,7 +143,7 @@ def test_mlp_trained_through_lossd_ols_matches_reference(server, dtype: torch.dt
         for epoch in range(3):
             criterion.train(), reference.train()
             for i in range(batches):
-                xb, yb = x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+                xb, yb = x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]
                 for model, opt, loss_fn in ((local, opt_local, reference), (remote, opt_remote, criterion)):
                     opt.zero_grad()
                     loss_fn(model(xb), yb).backward()
@@ -178,7 +178,9 @@ def test_ols_next_epoch_averages_counted_columns_and_keeps_empty_ones(server) ->
     logits[torch.arange(10), labels] += 3.0  # mostly correct ...
     logits[labels == 3, 3] -= 10.0  # ... but never class 3
     logits[1, 0] -= 10.0  # and one wrong row of class 0
-    eval_logits = torch.randn(6, c, generator=g, dtype=torch.float64) + 5 * F.one_hot(torch.tensor([3, 3, 1, 0, 2, 3]), c)
+    eval_logits = torch.randn(6, c, generator=g, dtype=torch.float64) + 5 * F.one_hot(
+        torch.tensor([3, 3, 1, 0, 2, 3]), c
+    )
     reference = ReferenceOLS(alpha, c, 0.2)
     with lossd.OnlineLabelSmoothing(alpha, c, 0.2, target=server.target) as criterion:
         assert criterion.spec.empty_class == "keep"
@@ -187,11 +189,16 @@ def test_ols_next_epoch_averages_counted_columns_and_keeps_empty_ones(server) ->
             for chunk in (slice(0, 5), slice(5, 10)):
                 criterion.train(), reference.train()
                 torch.testing.assert_close(
-                    criterion(logits[chunk], labels[chunk]), reference(logits[chunk], labels[chunk]), rtol=1e-12, atol=1e-12
+                    criterion(logits[chunk], labels[chunk]),
+                    reference(logits[chunk], labels[chunk]),
+                    rtol=1e-12,
+                    atol=1e-12,
                 )
             criterion.eval(), reference.eval()
             eval_labels = torch.tensor([3, 3, 1, 0, 2, 3])
-            torch.testing.assert_close(criterion(eval_logits, eval_labels), reference(eval_logits, eval_labels), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                criterion(eval_logits, eval_labels), reference(eval_logits, eval_labels), rtol=1e-12, atol=1e-12
+            )
             assert criterion.state().counts.tolist() == reference.count.tolist() == [2, 2, 3, 0]
             previous = criterion.supervise
             criterion.next_epoch()
@@ -218,7 +225,9 @@ def _off_target_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: floa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape, dim", [((12, 5), -1), ((12, 5), 1), ((4, 5, 7), 1), ((4, 7, 5), -1), ((3, 5, 2, 4), 1)])
+@pytest.mark.parametrize(
+    "shape, dim", [((12, 5), -1), ((12, 5), 1), ((4, 5, 7), 1), ((4, 7, 5), -1), ((3, 5, 2, 4), 1)]
+)
 def test_label_smoothing_loss_is_the_off_target_formula(server, dtype, shape, dim) -> None:
     g = torch.Generator().manual_seed(len(shape) * 10 + dim)
     logits = (3 * torch.randn(shape, generator=g, dtype=dtype)).requires_grad_()
@@ -310,9 +319,19 @@ def test_cross_entropy_weight_and_ignore_index_match_torch(server, layout, label
     target = torch.randint(0, 5, target_shape, generator=g)
     target.view(-1)[0] = 2
     _compare_with_torch(
-        server, dtype, input_shape, target, reduction, seed=19, weight=weight, ignore_index=2, label_smoothing=label_smoothing
+        server,
+        dtype,
+        input_shape,
+        target,
+        reduction,
+        seed=19,
+        weight=weight,
+        ignore_index=2,
+        label_smoothing=label_smoothing,
     )
-    _compare_with_torch(server, dtype, input_shape, target, reduction, seed=23, ignore_index=2, label_smoothing=label_smoothing)
+    _compare_with_torch(
+        server, dtype, input_shape, target, reduction, seed=23, ignore_index=2, label_smoothing=label_smoothing
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -338,21 +357,40 @@ def test_scaled_loss_backward_scales_the_gradient(server, dtype) -> None:
     g = torch.Generator().manual_seed(21)
     base = 2 * torch.randn(16, 7, generator=g)
     labels = torch.randint(0, 7, (16,), generator=g)
-    plain = base.to(dtype).requires_grad_()
-    scaled = base.to(dtype).requires_grad_()
+    plain = base.to(dtype).clone().requires_grad_()
+    scaled = base.to(dtype).clone().requires_grad_()
     with lossd.CrossEntropyLoss(target=server.target) as criterion:
         criterion(plain, labels).backward()
         (criterion(scaled, labels) * 1024.0).backward()
-    reference = base.to(dtype).float().requires_grad_()
+    reference = base.to(dtype).float().clone().requires_grad_()
     F.cross_entropy(reference, labels).backward()
     if dtype == torch.float32:
         # 1024 is a power of two: scaling is exact, and the server is deterministic.
         assert torch.equal(scaled.grad, plain.grad * 1024)
         torch.testing.assert_close(scaled.grad, reference.grad * 1024, rtol=1e-5, atol=1e-6 * 1024)
     else:
+        # What a GradScaler needs: the float32 gradient times the scale, rounded once to float16.
         assert scaled.grad.dtype == dtype
         torch.testing.assert_close(scaled.grad, (reference.grad * 1024).to(dtype))
     assert scaled.grad.abs().max() > 1.0  # the scale really arrived
+
+
+def test_grad_scaling_keeps_float16_gradients_that_underflow_unscaled(server) -> None:
+    """GradScaler exists for this: a gradient of 2e-9 is zero in float16, but 1024x it is not.
+    A local torch loss keeps it; so must lossd."""
+    logits = torch.tensor([[10.0, -10.0, 0.0]], dtype=torch.float16)
+    labels = torch.tensor([0])
+    exact = logits.float().requires_grad_()
+    F.cross_entropy(exact, labels).backward()
+    assert 0 < exact.grad[0, 1] < 2.0**-24  # underflows to 0 in float16 unless scaled first
+    local = logits.clone().requires_grad_()
+    (F.cross_entropy(local, labels) * 1024.0).backward()
+    remote = logits.clone().requires_grad_()
+    with lossd.CrossEntropyLoss(target=server.target) as criterion:
+        (criterion(remote, labels) * 1024.0).backward()
+    expected = (exact.grad[0, 1] * 1024).to(torch.float16)
+    assert local.grad[0, 1] == expected != 0
+    assert remote.grad[0, 1] == expected, "the scaled float16 gradient underflowed: it was rounded before scaling"
 
 
 def test_no_gradient_is_requested_without_autograd(server, monkeypatch) -> None:
@@ -460,8 +498,11 @@ def _ols_batches(n_batches: int, seed: int) -> list[tuple[torch.Tensor, torch.Te
 def test_state_dict_round_trip_continues_bit_identically(server, client) -> None:
     batches = _ols_batches(9, seed=61)
     kwargs = dict(alpha=0.3, n_classes=5, smoothing=0.15, target=server.target)
-    with lossd.OnlineLabelSmoothing(**kwargs) as original, lossd.OnlineLabelSmoothing(**kwargs) as restored, \
-            lossd.OnlineLabelSmoothing(**kwargs) as fresh:
+    with (
+        lossd.OnlineLabelSmoothing(**kwargs) as original,
+        lossd.OnlineLabelSmoothing(**kwargs) as restored,
+        lossd.OnlineLabelSmoothing(**kwargs) as fresh,
+    ):
         for logits, labels in batches[:3]:
             original(logits, labels)
         original.next_epoch()
@@ -480,8 +521,10 @@ def test_state_dict_round_trip_continues_bit_identically(server, client) -> None
             assert torch.equal(loss_a, loss_b)
             loss_a.backward(), loss_b.backward()
             assert torch.equal(a.grad, b.grad)
-        # Control: a module without the checkpoint computes something else on the same batch.
+        # Control: a module without the checkpoint computes something else (eval: nothing is counted).
+        fresh.eval(), restored.eval()
         assert not torch.equal(fresh(*batches[5]), restored(*batches[5]))
+        restored.train()
         original.next_epoch()
         restored.next_epoch()
         assert restored.epoch == original.epoch == 2
@@ -609,7 +652,8 @@ def _subclasses(cls: type) -> set[type]:
 
 def test_every_public_exception_is_exported() -> None:
     public_attrs = {
-        name for name, value in vars(lossd).items()
+        name
+        for name, value in vars(lossd).items()
         if not name.startswith("_") and isinstance(value, type) and issubclass(value, BaseException)
     }
     lossd_errors = {cls for cls in {LossdError} | _subclasses(LossdError) if not cls.__name__.startswith("_")}

@@ -77,3 +77,32 @@ def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(message.data, dtype=dtype).reshape(shape)
+
+
+# float16 tops out at 65504; keep the largest scaled entry below 2^15 so a
+# GradScaler-style multiply on the client still has headroom before float32 math.
+_FLOAT16_TOP_EXPONENT = 15
+
+
+def encode_gradient(grad: torch.Tensor, dtype: torch.dtype) -> tuple[pb.Tensor, int]:
+    """The gradient in ``dtype`` as ``grad * 2^exponent``, and the exponent.
+
+    float16's 5-bit exponent flushes entries below 2^-24 to zero, which a
+    mean-reduced gradient over a large batch reaches easily; scaling by a power
+    of two first (exact) keeps its full 11-bit precision. Other dtypes have
+    float32's range and are sent as they are, with exponent 0.
+    """
+    exponent = 0
+    if dtype == torch.float16 and grad.numel():
+        largest = float(grad.abs().max())
+        if largest > 0:
+            exponent = min(_FLOAT16_TOP_EXPONENT - math.frexp(largest)[1], 100)  # 2^exponent stays finite in float32
+            grad = torch.ldexp(grad, torch.tensor(float(exponent), dtype=grad.dtype, device=grad.device))
+    return encode(grad.to(dtype)), exponent
+
+
+def unscale_gradient(grad: torch.Tensor, exponent: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``grad * scale / 2^exponent`` computed in float32 (float64 for float64), returned in ``grad``'s dtype."""
+    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    factor = scale * 2.0**-exponent if exponent else scale
+    return (grad.to(compute) * factor).to(grad.dtype)

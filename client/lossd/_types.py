@@ -69,17 +69,27 @@ class SessionState:
 @dataclass(frozen=True)
 class LossResult:
     loss: torch.Tensor  # scalar, or [N] for reduction "none"
-    grad: torch.Tensor | None  # [N, C] in the logits' dtype, when asked for
+    scaled_grad: torch.Tensor | None  # [N, C] in the logits' dtype: d loss / d logits * 2^grad_exponent
+    grad_exponent: int
     n_used: int
     n_correct: int
     epoch: int
     request_id: str
 
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """d loss / d logits in the logits' dtype. For float16, scale :attr:`scaled_grad`
+        instead (see :func:`lossd._codec.unscale_gradient`) to keep entries below 2^-24."""
+        if self.scaled_grad is None:
+            return None
+        return _codec.unscale_gradient(self.scaled_grad, self.grad_exponent)
+
     @classmethod
     def from_proto(cls, message: pb.LossResponse) -> LossResult:
         return cls(
             loss=_codec.decode(message.loss, "loss"),
-            grad=_codec.decode(message.grad, "grad") if message.HasField("grad") else None,
+            scaled_grad=_codec.decode(message.grad, "grad") if message.HasField("grad") else None,
+            grad_exponent=message.grad_exponent,
             n_used=message.n_used,
             n_correct=message.n_correct,
             epoch=message.epoch,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lossd import _codec
 from lossd._client import Client
 from lossd._config import DEFAULT_TIMEOUT
 from lossd._spec import SessionSpec
@@ -34,7 +35,9 @@ class _RemoteLoss(torch.autograd.Function):
             module.session, logits.detach(), labels.detach().to("cpu"), training=module.training, need_grad=need_grad
         )
         module._epoch = result.epoch
-        ctx.grad = result.grad.to(logits.device) if result.grad is not None else None
+        grad = result.scaled_grad
+        ctx.grad = grad.to(logits.device) if grad is not None else None
+        ctx.grad_exponent = result.grad_exponent
         ctx.per_sample = module.spec.reduction == "none"
         return result.loss.to(device=logits.device, dtype=logits.dtype)
 
@@ -44,9 +47,12 @@ class _RemoteLoss(torch.autograd.Function):
         grad: torch.Tensor | None = ctx.grad
         if grad is None:
             return None, None, None, None
-        dtype = compute_dtype(grad.dtype)
-        scale = grad_output.to(dtype).reshape(-1, 1) if ctx.per_sample else grad_output.to(dtype)
-        return (grad.to(dtype) * scale).to(grad.dtype), None, None, None
+        # Scale in float32 before rounding to the logits' dtype, so a GradScaler-scaled
+        # float16 gradient keeps the small entries a float16 product would flush.
+        scale = grad_output.to(compute_dtype(grad.dtype))
+        if ctx.per_sample:
+            scale = scale.reshape(-1, 1)
+        return _codec.unscale_gradient(grad, ctx.grad_exponent, scale), None, None, None
 
 
 def _close_quietly(client: Client, owns_client: bool, private_session: str | None) -> None:

@@ -90,7 +90,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             epoch=result.epoch,
         )
         if output.grad is not None:
-            response.grad.CopyFrom(_codec.encode(output.grad.to(batch.logits.dtype)))
+            grad, response.grad_exponent = _codec.encode_gradient(output.grad, batch.logits.dtype)
+            response.grad.CopyFrom(grad)
         return response
 
     async def ComputeLoss(self, request: pb.LossRequest, context: aio.ServicerContext) -> pb.LossResponse:

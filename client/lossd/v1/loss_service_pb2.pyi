@@ -527,6 +527,7 @@ class LossResponse(_message.Message):
     N_CORRECT_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    GRAD_EXPONENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     n_used: _builtins.int
     """Samples whose label is not ignore_index."""
@@ -534,14 +535,22 @@ class LossResponse(_message.Message):
     """Of those, the ones whose argmax equals the label."""
     epoch: _builtins.int
     """The session epoch the request was computed in."""
+    grad_exponent: _builtins.int
+    """The gradient is sent scaled by 2^grad_exponent: divide by it (ldexp) after
+    any further scaling, in float32. Non-zero only for float16 logits, whose
+    5-bit exponent would otherwise round the small entries of a mean-reduced
+    gradient to zero; the server picks the largest exponent that keeps every
+    entry below 2^15.
+    """
     @_builtins.property
     def loss(self) -> Global___Tensor:
         """A scalar for mean and sum, [N] for none. float32 (float64 for float64 logits)."""
 
     @_builtins.property
     def grad(self) -> Global___Tensor:
-        """d loss / d logits for the session's reduction ([N, C], the logits' dtype).
-        For reduction none, row i is d loss_i / d logits_i. Absent unless need_grad.
+        """d loss / d logits for the session's reduction ([N, C], the logits' dtype),
+        multiplied by 2^grad_exponent. For reduction none, row i is d loss_i / d logits_i.
+        Absent unless need_grad.
         """
 
     @_builtins.property
@@ -558,10 +567,11 @@ class LossResponse(_message.Message):
         n_correct: _builtins.int = ...,
         epoch: _builtins.int = ...,
         error: Global___Error | None = ...,
+        grad_exponent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "grad", b"grad", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "error", b"error", "grad", b"grad", "loss", b"loss", "n_correct", b"n_correct", "n_used", b"n_used", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "error", b"error", "grad", b"grad", "grad_exponent", b"grad_exponent", "loss", b"loss", "n_correct", b"n_correct", "n_used", b"n_used", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
