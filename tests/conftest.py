@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 
 import lossd
+from lossd_server import session as session_module
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
 
@@ -38,3 +42,26 @@ def client(server: EmbeddedServer) -> Iterator[lossd.Client]:
 def session_name() -> str:
     """A fresh session name per test, so tests sharing the server never collide."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class ComputeGate:
+    """Holds every Session.compute call until :attr:`release` is set; :attr:`entered` counts arrivals."""
+
+    entered: threading.Semaphore
+    release: threading.Event
+
+
+@pytest.fixture()
+def compute_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[ComputeGate]:
+    gate = ComputeGate(threading.Semaphore(0), threading.Event())
+    original = session_module.Session.compute
+
+    def gated(self: session_module.Session, *args: Any, **kwargs: Any) -> Any:
+        gate.entered.release()
+        gate.release.wait(timeout=30)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(session_module.Session, "compute", gated)
+    yield gate
+    gate.release.set()

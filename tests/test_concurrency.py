@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
 from lossd import functional as F
-from lossd_server import session as session_module
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
+from tests.conftest import ComputeGate
 
 C = 10
 THREADS = 8
@@ -64,17 +62,7 @@ def test_eight_trainers_on_one_session_sum_exactly(server: EmbeddedServer, sessi
     torch.testing.assert_close(state.accumulator, expected_acc.T, rtol=1e-12, atol=1e-12)
 
 
-def test_health_answers_while_every_worker_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
-    release = threading.Event()
-    entered = threading.Semaphore(0)
-    original = session_module.Session.compute
-
-    def blocking_compute(self: session_module.Session, *args: object, **kwargs: object) -> object:
-        entered.release()
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(session_module.Session, "compute", blocking_compute)
+def test_health_answers_while_every_worker_is_busy(compute_gate: ComputeGate) -> None:
     with EmbeddedServer(Settings(port=0, device="cpu", workers=2, grace_seconds=1)) as server:
         clients = [lossd.Client(server.target) for _ in range(3)]
         clients[0].create_session("busy", lossd.SessionSpec(kind="cross_entropy", n_classes=4))
@@ -82,11 +70,11 @@ def test_health_answers_while_every_worker_is_busy(monkeypatch: pytest.MonkeyPat
         with ThreadPoolExecutor(3) as pool:
             calls = [pool.submit(c.compute_loss, "busy", logits, labels) for c in clients]
             for _ in range(2):  # both workers are now inside a stream's request
-                assert entered.acquire(timeout=10)
+                assert compute_gate.entered.acquire(timeout=10)
             with grpc.insecure_channel(server.target) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            release.set()
+            compute_gate.release.set()
             results = [call.result(timeout=30) for call in calls]
         for c in clients:
             c.close()

@@ -47,8 +47,9 @@ POLICIES = ("keep", "uniform", "zero")
 class ReferenceOLS:
     """Float64 OLS written from the rules, one sample at a time."""
 
-    def __init__(self, n_classes: int, eps: float, alpha: float, init: str, empty_class: str,
-                 ignore_index: int = IGNORE) -> None:
+    def __init__(
+        self, n_classes: int, eps: float, alpha: float, init: str, empty_class: str, ignore_index: int = IGNORE
+    ) -> None:
         self.c = n_classes
         self.alpha = alpha
         self.empty_class = empty_class
@@ -154,10 +155,7 @@ def make_batch(
     """
     while True:
         z = torch.randn((N, C), generator=gen, dtype=torch.float32)
-        if label is None:
-            y = torch.randint(0, C, (N,), generator=gen)
-        else:
-            y = torch.full((N,), label, dtype=torch.int64)
+        y = torch.randint(0, C, (N,), generator=gen) if label is None else torch.full((N,), label, dtype=torch.int64)
         rows = torch.arange(N)
         bumped = torch.rand(N, generator=gen) < bump_fraction
         z[rows[bumped], y[bumped]] += bump
@@ -203,15 +201,23 @@ def assert_same_state(a: lossd.SessionState, b: lossd.SessionState) -> None:
         assert torch.equal(x, y), field
 
 
-def check_result(result: lossd.LossResult, expected, *, epoch: int, dtype: torch.dtype = torch.float32,
-                 need_grad: bool = True, grad_rtol: float = RTOL) -> None:
+def check_result(
+    result: lossd.LossResult,
+    expected,
+    *,
+    epoch: int,
+    dtype: torch.dtype = torch.float32,
+    need_grad: bool = True,
+    grad_rtol: float = RTOL,
+) -> None:
     loss, grad, used, n_correct = expected
     assert result.n_used == used
     assert result.n_correct == n_correct
     assert result.epoch == epoch
     assert result.loss.dim() == 0
-    torch.testing.assert_close(result.loss.to(torch.float64), torch.tensor(loss, dtype=torch.float64),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        result.loss.to(torch.float64), torch.tensor(loss, dtype=torch.float64), rtol=RTOL, atol=ATOL
+    )
     if not need_grad:
         assert result.grad is None
         return
@@ -340,7 +346,9 @@ def test_empty_class_policies_give_different_soft_labels(client: lossd.Client, s
     s1 = {policy: states[1][policy].supervise.to(torch.float64) for policy in POLICIES}
     torch.testing.assert_close(s1["keep"][:, 1], s["keep"][:, 1], rtol=0.0, atol=0.0)
     assert (s1["keep"][:, 1] - torch.full((C,), EPS / (C - 1), dtype=torch.float64)).abs().max() > 0.05
-    torch.testing.assert_close(s1["uniform"][:, 1], torch.full((C,), 1.0 / C, dtype=torch.float64), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        s1["uniform"][:, 1], torch.full((C,), 1.0 / C, dtype=torch.float64), rtol=RTOL, atol=ATOL
+    )
     assert torch.equal(s1["zero"][:, 1], torch.zeros(C, dtype=torch.float64))
 
 

@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import lossd
 from lossd_server import cli
-from lossd_server import session as session_module
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
+from tests.conftest import ComputeGate
 
 
 @pytest.fixture()
@@ -83,16 +83,7 @@ def test_sigterm_drains_and_exits_cleanly(served: tuple[subprocess.Popen[str], s
     assert "draining" in log and "stopped" in log
 
 
-def test_stop_lets_a_call_in_flight_finish(monkeypatch: pytest.MonkeyPatch) -> None:
-    entered, release = threading.Event(), threading.Event()
-    original = session_module.Session.compute
-
-    def slow_compute(self: session_module.Session, *args: object, **kwargs: object) -> object:
-        entered.set()
-        release.wait(timeout=30)
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(session_module.Session, "compute", slow_compute)
+def test_stop_lets_a_call_in_flight_finish(compute_gate: ComputeGate) -> None:
     server = EmbeddedServer(Settings(port=0, device="cpu", grace_seconds=10)).start()
     client = lossd.Client(server.target)
     client.create_session("drain", lossd.SessionSpec(kind="cross_entropy", n_classes=3))
@@ -103,10 +94,10 @@ def test_stop_lets_a_call_in_flight_finish(monkeypatch: pytest.MonkeyPatch) -> N
 
     caller = threading.Thread(target=call)
     caller.start()
-    assert entered.wait(timeout=10)
+    assert compute_gate.entered.acquire(timeout=10)
     stopper = threading.Thread(target=server.stop)
     stopper.start()
-    release.set()
+    compute_gate.release.set()
     caller.join(timeout=30)
     stopper.join(timeout=30)
     client.close()

@@ -177,11 +177,26 @@ BAD_TENSORS: dict[str, tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], tu
         lambda: (torch.randn(N, C), torch.tensor([0, 1, 2, 3, 0, 1, 2, 99], dtype=torch.int32)),
         ("labels", "99"),
     ),
-    "logits-nan": (lambda: (torch.randn(N, C).index_put_((torch.tensor(3), torch.tensor(2)), torch.tensor(math.nan)), _labels()), ("logits", "NaN")),
-    "logits-inf": (lambda: (torch.randn(N, C).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(math.inf)), _labels()), ("logits", "infinity")),
-    "logits-neg-inf": (lambda: (torch.randn(N, C).index_put_((torch.tensor(7), torch.tensor(4)), torch.tensor(-math.inf)), _labels()), ("logits", "infinity")),
+    "logits-nan": (
+        lambda: (torch.randn(N, C).index_put_((torch.tensor(3), torch.tensor(2)), torch.tensor(math.nan)), _labels()),
+        ("logits", "NaN"),
+    ),
+    "logits-inf": (
+        lambda: (torch.randn(N, C).index_put_((torch.tensor(0), torch.tensor(0)), torch.tensor(math.inf)), _labels()),
+        ("logits", "infinity"),
+    ),
+    "logits-neg-inf": (
+        lambda: (torch.randn(N, C).index_put_((torch.tensor(7), torch.tensor(4)), torch.tensor(-math.inf)), _labels()),
+        ("logits", "infinity"),
+    ),
     "logits-nan-float64": (lambda: (torch.full((N, C), math.nan, dtype=torch.float64), _labels()), ("logits", "NaN")),
-    "logits-inf-float16": (lambda: (torch.randn(N, C).half().index_put_((torch.tensor(1),), torch.tensor(math.inf, dtype=torch.float16)), _labels()), ("logits", "infinity")),
+    "logits-inf-float16": (
+        lambda: (
+            torch.randn(N, C).half().index_put_((torch.tensor(1),), torch.tensor(math.inf, dtype=torch.float16)),
+            _labels(),
+        ),
+        ("logits", "infinity"),
+    ),
 }
 
 
@@ -199,7 +214,9 @@ def test_bad_loss_request_is_invalid_argument_and_changes_nothing(
     assert_unchanged(client, trained, before)
 
 
-def test_ignore_index_labels_are_accepted_while_other_negatives_are_not(client: lossd.Client, session_name: str) -> None:
+def test_ignore_index_labels_are_accepted_while_other_negatives_are_not(
+    client: lossd.Client, session_name: str
+) -> None:
     """Positive control for the label range checks, with a custom ignore_index."""
     spec = lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=0.5, ignore_index=-1)
     client.create_session(session_name, spec)
@@ -290,7 +307,9 @@ def test_malformed_wire_tensor_stream_reports_in_band_and_keeps_the_stream(
     assert failed.HasField("error")
     assert not failed.HasField("loss") and not failed.HasField("grad")
     assert status_code(failed.error.code) is INVALID
-    assert_error(from_status(status_code(failed.error.code), failed.error.message), lossd.InvalidArgumentError, *RAW_CASES[case])
+    assert_error(
+        from_status(status_code(failed.error.code), failed.error.message), lossd.InvalidArgumentError, *RAW_CASES[case]
+    )
     assert after.request_id == "after" and not after.HasField("error")
     assert torch.equal(_codec.decode(after.loss), baseline.loss)
     assert_unchanged(client, trained, before)
@@ -329,28 +348,76 @@ def test_stream_survives_a_sequence_of_bad_requests(client: lossd.Client, traine
 SPEC_CASES: dict[str, tuple[lossd.SessionSpec, tuple[str, ...]]] = {
     "n_classes-1": (lossd.SessionSpec(kind="cross_entropy", n_classes=1), ("spec.n_classes", "1")),
     "n_classes-0": (lossd.SessionSpec(kind="label_smoothing", n_classes=0, smoothing=0.1), ("spec.n_classes",)),
-    "n_classes-negative": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=-3, alpha=0.5), ("spec.n_classes", "-3")),
+    "n_classes-negative": (
+        lossd.SessionSpec(kind="online_label_smoothing", n_classes=-3, alpha=0.5),
+        ("spec.n_classes", "-3"),
+    ),
     "n_classes-huge": (lossd.SessionSpec(kind="cross_entropy", n_classes=(1 << 24) + 1), ("spec.n_classes",)),
-    "smoothing-negative": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=-0.1), ("spec.smoothing", "-0.1")),
+    "smoothing-negative": (
+        lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=-0.1),
+        ("spec.smoothing", "-0.1"),
+    ),
     "smoothing-one": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=1.0), ("spec.smoothing",)),
-    "smoothing-above-one": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=1.5, alpha=0.5), ("spec.smoothing",)),
-    "smoothing-nan": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=math.nan), ("spec.smoothing", "nan")),
+    "smoothing-above-one": (
+        lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=1.5, alpha=0.5),
+        ("spec.smoothing",),
+    ),
+    "smoothing-nan": (
+        lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=math.nan),
+        ("spec.smoothing", "nan"),
+    ),
     "smoothing-inf": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=math.inf), ("spec.smoothing",)),
-    "alpha-negative": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=-0.1), ("spec.alpha", "-0.1")),
-    "alpha-above-one": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=1.01), ("spec.alpha", "1.01")),
+    "alpha-negative": (
+        lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=-0.1),
+        ("spec.alpha", "-0.1"),
+    ),
+    "alpha-above-one": (
+        lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=1.01),
+        ("spec.alpha", "1.01"),
+    ),
     "alpha-nan": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=math.nan), ("spec.alpha",)),
-    "alpha-missing-for-ols": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1), ("spec.alpha", "required")),
-    "alpha-for-label-smoothing": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5), ("spec.alpha",)),
+    "alpha-missing-for-ols": (
+        lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1),
+        ("spec.alpha", "required"),
+    ),
+    "alpha-for-label-smoothing": (
+        lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5),
+        ("spec.alpha",),
+    ),
     "alpha-for-cross-entropy": (lossd.SessionSpec(kind="cross_entropy", n_classes=C, alpha=0.0), ("spec.alpha",)),
-    "init-for-label-smoothing": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, init="uniform"), ("spec.init",)),
+    "init-for-label-smoothing": (
+        lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, init="uniform"),
+        ("spec.init",),
+    ),
     "init-for-cross-entropy": (lossd.SessionSpec(kind="cross_entropy", n_classes=C, init="zeros"), ("spec.init",)),
-    "empty-class-for-cross-entropy": (lossd.SessionSpec(kind="cross_entropy", n_classes=C, empty_class="zero"), ("spec.empty_class",)),
-    "empty-class-for-label-smoothing": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, empty_class="uniform"), ("spec.empty_class",)),
-    "cross-entropy-with-smoothing": (lossd.SessionSpec(kind="cross_entropy", n_classes=C, smoothing=0.1), ("spec.smoothing", "cross_entropy")),
-    "weight-too-short": (lossd.SessionSpec(kind="cross_entropy", n_classes=C, weight=(1.0,) * (C - 1)), ("spec.weight", "shape", f"[{C}]")),
-    "weight-too-long": (lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=0.5, weight=(1.0,) * (C + 1)), ("spec.weight", "shape")),
-    "weight-nan": (lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, weight=(1.0, math.nan, 1.0, 1.0, 1.0)), ("spec.weight", "NaN")),
-    "weight-inf": (lossd.SessionSpec(kind="cross_entropy", n_classes=C, weight=(1.0, 1.0, 1.0, 1.0, math.inf)), ("spec.weight", "infinity")),
+    "empty-class-for-cross-entropy": (
+        lossd.SessionSpec(kind="cross_entropy", n_classes=C, empty_class="zero"),
+        ("spec.empty_class",),
+    ),
+    "empty-class-for-label-smoothing": (
+        lossd.SessionSpec(kind="label_smoothing", n_classes=C, empty_class="uniform"),
+        ("spec.empty_class",),
+    ),
+    "cross-entropy-with-smoothing": (
+        lossd.SessionSpec(kind="cross_entropy", n_classes=C, smoothing=0.1),
+        ("spec.smoothing", "cross_entropy"),
+    ),
+    "weight-too-short": (
+        lossd.SessionSpec(kind="cross_entropy", n_classes=C, weight=(1.0,) * (C - 1)),
+        ("spec.weight", "shape", f"[{C}]"),
+    ),
+    "weight-too-long": (
+        lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, alpha=0.5, weight=(1.0,) * (C + 1)),
+        ("spec.weight", "shape"),
+    ),
+    "weight-nan": (
+        lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1, weight=(1.0, math.nan, 1.0, 1.0, 1.0)),
+        ("spec.weight", "NaN"),
+    ),
+    "weight-inf": (
+        lossd.SessionSpec(kind="cross_entropy", n_classes=C, weight=(1.0, 1.0, 1.0, 1.0, math.inf)),
+        ("spec.weight", "infinity"),
+    ),
     "kind-unspecified": (lossd.SessionSpec(kind=None, n_classes=C), ("spec.kind", "required")),  # type: ignore[arg-type]
 }
 
@@ -506,9 +573,15 @@ OTHER_SPECS = {
     "alpha": lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.25),
     "n_classes": lossd.SessionSpec(kind="online_label_smoothing", n_classes=C + 1, smoothing=0.1, alpha=0.5),
     "kind": lossd.SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1),
-    "reduction": lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5, reduction="sum"),
-    "empty_class": lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5, empty_class="zero"),
-    "weight": lossd.SessionSpec(kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5, weight=(1.0,) * C),
+    "reduction": lossd.SessionSpec(
+        kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5, reduction="sum"
+    ),
+    "empty_class": lossd.SessionSpec(
+        kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5, empty_class="zero"
+    ),
+    "weight": lossd.SessionSpec(
+        kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5, weight=(1.0,) * C
+    ),
 }
 
 
@@ -527,8 +600,15 @@ def test_same_name_other_spec_is_already_exists(client: lossd.Client, trained: s
         OLS_SPEC,
         # The same spec with every default written out is the same canonical spec.
         lossd.SessionSpec(
-            kind="online_label_smoothing", n_classes=C, smoothing=0.1, alpha=0.5,
-            convention="off_target", init="label_smoothing", empty_class="keep", reduction="mean", ignore_index=-100,
+            kind="online_label_smoothing",
+            n_classes=C,
+            smoothing=0.1,
+            alpha=0.5,
+            convention="off_target",
+            init="label_smoothing",
+            empty_class="keep",
+            reduction="mean",
+            ignore_index=-100,
         ),
     ],
     ids=["identical", "defaults-spelled-out"],
@@ -598,19 +678,30 @@ def test_matrix_memory_is_resource_exhausted() -> None:
         # Alone too big for the budget.
         with pytest.raises(lossd.ResourceExhaustedError) as excinfo:
             client.create_session("big", lossd.SessionSpec(kind="online_label_smoothing", n_classes=10, alpha=0.5))
-        assert_error(excinfo.value, lossd.ResourceExhaustedError, "1280", "n_classes=10", f"{ols_bytes(C)} of", "matrix_memory_bytes=1000")
+        assert_error(
+            excinfo.value,
+            lossd.ResourceExhaustedError,
+            "1280",
+            "n_classes=10",
+            f"{ols_bytes(C)} of",
+            "matrix_memory_bytes=1000",
+        )
 
         # Fits alone (832 <= 1000) but not next to the resident session (340 + 832 > 1000).
         with pytest.raises(lossd.ResourceExhaustedError) as excinfo:
             client.create_session("medium", lossd.SessionSpec(kind="online_label_smoothing", n_classes=8, alpha=0.5))
-        assert_error(excinfo.value, lossd.ResourceExhaustedError, "832", "n_classes=8", "340 of", "matrix_memory_bytes=1000")
+        assert_error(
+            excinfo.value, lossd.ResourceExhaustedError, "832", "n_classes=8", "340 of", "matrix_memory_bytes=1000"
+        )
 
         assert [s.name for s in client.list_sessions()] == ["resident"]
         assert_unchanged(client, "resident", before)
 
         # Stateless kinds hold no matrices, whatever C; a small OLS session still fits.
         assert client.create_session("ce", lossd.SessionSpec(kind="cross_entropy", n_classes=100_000))[1]
-        assert client.create_session("small-ols", lossd.SessionSpec(kind="online_label_smoothing", n_classes=4, alpha=0.5))[1]
+        assert client.create_session(
+            "small-ols", lossd.SessionSpec(kind="online_label_smoothing", n_classes=4, alpha=0.5)
+        )[1]
         assert_unchanged(client, "resident", before)
 
 
@@ -636,16 +727,37 @@ def _with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
 
 
 BAD_STATES: dict[str, tuple[Callable[[lossd.SessionState], lossd.SessionState], tuple[str, ...]]] = {
-    "supervise-wrong-C": (lambda s: _replace(s, supervise=torch.full((C + 1, C + 1), 0.1)), ("state.supervise", "shape")),
-    "supervise-not-square": (lambda s: _replace(s, supervise=torch.full((C, C + 1), 0.1)), ("state.supervise", "shape")),
-    "accumulator-wrong-C": (lambda s: _replace(s, accumulator=torch.zeros(C - 1, C - 1, dtype=torch.float64)), ("state.accumulator", "shape")),
+    "supervise-wrong-C": (
+        lambda s: _replace(s, supervise=torch.full((C + 1, C + 1), 0.1)),
+        ("state.supervise", "shape"),
+    ),
+    "supervise-not-square": (
+        lambda s: _replace(s, supervise=torch.full((C, C + 1), 0.1)),
+        ("state.supervise", "shape"),
+    ),
+    "accumulator-wrong-C": (
+        lambda s: _replace(s, accumulator=torch.zeros(C - 1, C - 1, dtype=torch.float64)),
+        ("state.accumulator", "shape"),
+    ),
     "counts-wrong-C": (lambda s: _replace(s, counts=torch.zeros(C + 1, dtype=torch.int64)), ("state.counts", "shape")),
     "all-wrong-C": (lambda s: _zero_state(C + 2), ("state.", "shape")),
     "supervise-nan": (lambda s: _replace(s, supervise=_with_value(s.supervise, math.nan)), ("state.supervise", "NaN")),
-    "supervise-inf": (lambda s: _replace(s, supervise=_with_value(s.supervise, math.inf)), ("state.supervise", "infinity")),
-    "accumulator-nan": (lambda s: _replace(s, accumulator=_with_value(s.accumulator, math.nan)), ("state.accumulator", "NaN")),
-    "accumulator-neg-inf": (lambda s: _replace(s, accumulator=_with_value(s.accumulator, -math.inf)), ("state.accumulator",)),
-    "supervise-int": (lambda s: _replace(s, supervise=torch.ones(C, C, dtype=torch.int64)), ("state.supervise", "int64")),
+    "supervise-inf": (
+        lambda s: _replace(s, supervise=_with_value(s.supervise, math.inf)),
+        ("state.supervise", "infinity"),
+    ),
+    "accumulator-nan": (
+        lambda s: _replace(s, accumulator=_with_value(s.accumulator, math.nan)),
+        ("state.accumulator", "NaN"),
+    ),
+    "accumulator-neg-inf": (
+        lambda s: _replace(s, accumulator=_with_value(s.accumulator, -math.inf)),
+        ("state.accumulator",),
+    ),
+    "supervise-int": (
+        lambda s: _replace(s, supervise=torch.ones(C, C, dtype=torch.int64)),
+        ("state.supervise", "int64"),
+    ),
     "counts-negative": (lambda s: _replace(s, counts=torch.tensor([1, 0, -1, 2, 0])), ("state.counts", "negative")),
     "counts-float": (lambda s: _replace(s, counts=s.counts.double()), ("state.counts", "float64")),
     "counts-float32": (lambda s: _replace(s, counts=s.counts.float()), ("state.counts", "float32")),
@@ -700,7 +812,9 @@ def test_valid_load_state_does_change_the_state(client: lossd.Client, trained: s
     before = snapshot(client, trained)
     supervise = torch.full((C, C), 1.0 / C)
     counts = torch.tensor([1, 0, 2, 0, 3])
-    client.load_state(trained, _replace(before.state, epoch=7, supervise=supervise, counts=counts, samples_this_epoch=11))
+    client.load_state(
+        trained, _replace(before.state, epoch=7, supervise=supervise, counts=counts, samples_this_epoch=11)
+    )
     after = client.get_state(trained)
     assert after.epoch == 7 and after.samples_this_epoch == 11
     assert torch.equal(after.supervise, supervise) and torch.equal(after.counts, counts)

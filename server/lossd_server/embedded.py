@@ -10,6 +10,14 @@ from lossd_server.app import Running, start
 from lossd_server.config import Settings
 
 
+async def _cancel_remaining_tasks() -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class EmbeddedServer:
     """``with EmbeddedServer(Settings(port=0)) as server: ... server.target``."""
 
@@ -36,6 +44,9 @@ class EmbeddedServer:
             wait = self.settings.grace_seconds if grace is None else grace
             asyncio.run_coroutine_threadsafe(running.stop(wait), self._loop).result()
         if self._thread.is_alive():
+            # Let the calls that stop() cancelled unwind inside the loop, rather than
+            # being torn down with it (gRPC prints their GeneratorExit otherwise).
+            asyncio.run_coroutine_threadsafe(_cancel_remaining_tasks(), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
