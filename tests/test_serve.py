@@ -137,3 +137,15 @@ def test_cuda_requested_without_cuda_is_refused(capsys: pytest.CaptureFixture[st
         pytest.skip("this host has CUDA")
     assert cli.main(["serve", "--port", "0", "--device", "cuda"]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    # In a child process, so this test process keeps glibc's defaults.
+    code = "from lossd_server.malloc import tune_malloc; import sys; sys.exit(0 if tune_malloc() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_boolean_settings_parse_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOSSD_TUNE_MALLOC", "false")
+    assert Settings().tune_malloc is False
+    assert Settings(tune_malloc="true").tune_malloc is True  # type: ignore[arg-type]  # as argparse passes it

@@ -65,21 +65,24 @@ def smoothing_values(n_classes: int, smoothing: float, convention: Convention) -
     raise ValueError(f"Expected convention to be 'uniform' or 'off_target' but got {convention!r}")
 
 
-def smoothed_targets(
-    labels: torch.Tensor, n_classes: int, smoothing: float, convention: Convention, dtype: torch.dtype
-) -> torch.Tensor:
-    """[N, C] smoothed one-hot targets. ``labels`` must already be in [0, C)."""
+@dataclass(frozen=True)
+class Targets:
+    """Per-sample target distributions in factored form, so they are never built densely
+    unless they must be: ``t_ic = dense_ic + base + spike * [c == y_i]``."""
+
+    spike: float
+    base: float = 0.0
+    dense: torch.Tensor | None = None  # [N, C]
+
+
+def smoothed_targets(n_classes: int, smoothing: float, convention: Convention) -> Targets:
     on, off = smoothing_values(n_classes, smoothing, convention)
-    targets = torch.full((labels.shape[0], n_classes), off, dtype=dtype, device=labels.device)
-    targets.scatter_(1, labels.unsqueeze(1), on)
-    return targets
+    return Targets(spike=on - off, base=off)
 
 
-def ols_targets(labels: torch.Tensor, soft_labels: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
-    """[N, C] targets of OLS: ``alpha * onehot(y) + (1 - alpha) * S[:, y]``."""
-    targets = soft_labels.index_select(0, labels).to(dtype) * (1.0 - alpha)
-    targets.scatter_add_(1, labels.unsqueeze(1), torch.full_like(labels, alpha, dtype=dtype).unsqueeze(1))
-    return targets
+def ols_targets(labels: torch.Tensor, soft_labels: torch.Tensor, alpha: float, dtype: torch.dtype) -> Targets:
+    """OLS: ``alpha * onehot(y) + (1 - alpha) * S[:, y]`` with class-major ``soft_labels``."""
+    return Targets(spike=alpha, dense=soft_labels.index_select(0, labels).to(dtype) * (1.0 - alpha))
 
 
 def safe_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,47 +91,66 @@ def safe_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, 
     return torch.where(valid, labels, torch.zeros_like(labels)), valid
 
 
-def soft_target_cross_entropy(
+def target_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    targets: torch.Tensor,
     valid: torch.Tensor,
+    targets: Targets,
     *,
     weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     need_grad: bool = True,
 ) -> LossOutput:
-    """Loss and gradient of ``sum_c w_c t_ic (-log p_ic)`` in one pass.
+    """Loss and gradient of ``sum_c w_c t_ic (-log p_ic)`` in one pass over the logits.
 
     ``labels`` are the safe labels (in [0, C)); ``valid`` masks the rows that
     count. Ignored rows get zero loss and zero gradient. ``mean`` divides by
     the summed target-class weights of the valid rows, as torch does; when
     that sum is zero the loss is NaN (as in torch) and the gradient is zero.
     """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
     dtype = compute_dtype(logits.dtype)
     log_probs = torch.log_softmax(logits.to(dtype), dim=1)
     probs = log_probs.exp()
     mask = valid.to(dtype)
-    weighted = targets * weight.to(dtype) if weight is not None else targets
-    weighted = weighted * mask.unsqueeze(1)
-    per_sample = -(weighted * log_probs).sum(dim=1)
+    n_classes = logits.shape[1]
+    w = weight.to(dtype) if weight is not None else None
 
-    grad: torch.Tensor | None = None
-    if need_grad:
-        grad = probs * weighted.sum(dim=1, keepdim=True) - weighted
+    # q_ic = w_c t_ic = spike w_y [c == y] + base w_c + w_c dense_ic, term by term.
+    target_weight = w.index_select(0, labels) if w is not None else torch.ones_like(mask)  # w_{y_i}
+    spike = targets.spike * target_weight
+    weighted_dense = None if targets.dense is None else (targets.dense * w if w is not None else targets.dense)
+    per_sample = spike * log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    mass = spike.clone()  # sum_c q_ic
+    if targets.base:
+        per_sample += targets.base * (log_probs @ w if w is not None else log_probs.sum(dim=1))
+        mass += targets.base * (w.sum() if w is not None else n_classes)
+    if weighted_dense is not None:
+        per_sample += torch.linalg.vecdot(weighted_dense, log_probs)
+        mass += weighted_dense.sum(dim=1)
+    per_sample = -per_sample * mask
 
+    row_scale = mask
     if reduction == "none":
         loss = per_sample
     elif reduction == "sum":
         loss = per_sample.sum()
-    elif reduction == "mean":
-        sample_weight = weight.to(dtype).index_select(0, labels) * mask if weight is not None else mask
-        denominator = sample_weight.sum()
-        loss = per_sample.sum() / denominator
-        if grad is not None:
-            grad = grad * torch.where(denominator > 0, 1.0 / denominator, torch.zeros_like(denominator))
     else:
-        raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
+        denominator = (target_weight * mask).sum()
+        loss = per_sample.sum() / denominator
+        row_scale = mask * torch.where(denominator > 0, 1.0 / denominator, torch.zeros_like(denominator))
+
+    grad: torch.Tensor | None = None
+    if need_grad:
+        # (sum_c q_c) p - q, with each row scaled for the reduction and ignored rows zeroed.
+        column = row_scale.unsqueeze(1)
+        grad = probs * (mass * row_scale).unsqueeze(1)
+        if targets.base:
+            grad -= targets.base * (column * w if w is not None else column)
+        if weighted_dense is not None:
+            grad.addcmul_(weighted_dense, column, value=-1.0)
+        grad.scatter_add_(1, labels.unsqueeze(1), (-spike * row_scale).unsqueeze(1))
 
     correct = valid & (probs.argmax(dim=1) == labels)
     return LossOutput(loss=loss, grad=grad, probs=probs, valid=valid, correct=correct)
@@ -148,9 +170,9 @@ def smoothed_cross_entropy(
     """Cross-entropy with label smoothing. ``uniform`` with any ``smoothing`` equals
     ``F.cross_entropy(logits, labels, weight=, ignore_index=, reduction=, label_smoothing=)``."""
     labels_safe, valid = safe_labels(labels, ignore_index)
-    targets = smoothed_targets(labels_safe, logits.shape[1], smoothing, convention, compute_dtype(logits.dtype))
-    return soft_target_cross_entropy(
-        logits, labels_safe, targets, valid, weight=weight, reduction=reduction, need_grad=need_grad
+    targets = smoothed_targets(logits.shape[1], smoothing, convention)
+    return target_cross_entropy(
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad
     )
 
 
@@ -168,8 +190,8 @@ def online_label_smoothing(
     """``alpha * CE(z, y) + (1 - alpha) * sum_c -S[c, y] log p_c`` with class-major ``soft_labels``."""
     labels_safe, valid = safe_labels(labels, ignore_index)
     targets = ols_targets(labels_safe, soft_labels, alpha, compute_dtype(logits.dtype))
-    return soft_target_cross_entropy(
-        logits, labels_safe, targets, valid, weight=weight, reduction=reduction, need_grad=need_grad
+    return target_cross_entropy(
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad
     )
 
 

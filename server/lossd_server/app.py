@@ -19,6 +19,7 @@ from lossd_server import __version__
 from lossd_server.config import Settings
 from lossd_server.device import resolve_device
 from lossd_server.errors import ErrorInterceptor
+from lossd_server.malloc import tune_malloc
 from lossd_server.servicer import LossServicer
 from lossd_server.store import MemoryStore
 
@@ -80,6 +81,8 @@ async def start(settings: Settings) -> Running:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
+    if settings.tune_malloc and not tune_malloc():
+        log.warning("could not set malloc thresholds (not glibc?); large requests may be slower")
     running = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     workers: int = Field(8, ge=1, description="Threads that run the loss math.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     grace_seconds: float = Field(5.0, ge=0, le=60, description="How long SIGTERM waits for calls in flight.")
+    tune_malloc: bool = Field(True, description="Raise glibc's mmap/trim thresholds for megabyte tensors.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device")
