@@ -22,5 +22,6 @@ def test_one_import_example_trains_and_learns_soft_labels() -> None:
     accuracy = float(lines[1].rsplit(" ", 1)[1])
     assert accuracy > 0.8, result.stdout
     soft_label = [float(v) for v in lines[2].split("[", 1)[1].rstrip("]").split(",")]
-    assert abs(sum(soft_label) - 1.0) < 1e-3  # a learnt column is an average of softmax rows
+    # A learnt column averages softmax rows, so it sums to 1 up to the printing: 10 values at 3 decimals.
+    assert abs(sum(soft_label) - 1.0) <= 10 * 0.0005 + 1e-9
     assert soft_label[0] != 0.9  # it moved from its label-smoothing init
