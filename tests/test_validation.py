@@ -317,8 +317,8 @@ def test_malformed_wire_tensor_stream_reports_in_band_and_keeps_the_stream(
 
 def test_stream_survives_a_sequence_of_bad_requests(client: lossd.Client, trained: str) -> None:
     baseline = client.compute_loss(trained, GOOD_LOGITS, GOOD_LABELS, training=False, stream=True)
-    opened = client._stream
-    assert opened is not None and not opened.broken
+    opened = client._open_stream()
+    assert opened is not None and opened.usable
     before = snapshot(client, trained)
     bad_inputs = [
         (torch.randn(N, C + 1), _labels()),
@@ -333,10 +333,10 @@ def test_stream_survives_a_sequence_of_bad_requests(client: lossd.Client, traine
         assert torch.equal(again.loss, baseline.loss)
         assert again.grad is not None and baseline.grad is not None and torch.equal(again.grad, baseline.grad)
         # The same stream answered: the error was in-band, not a torn-down call.
-        assert client._stream is opened and not opened.broken
+        assert client._open_stream() is opened and opened.usable
     with pytest.raises(lossd.NotFoundError):
         client.compute_loss(unique("missing"), GOOD_LOGITS, GOOD_LABELS, stream=True)
-    assert client._stream is opened and not opened.broken
+    assert client._open_stream() is opened and opened.usable
     assert_unchanged(client, trained, before)
     # And a training request on the same stream still updates the statistics.
     client.compute_loss(trained, GOOD_LOGITS, GOOD_LABELS, training=True, stream=True)
@@ -877,11 +877,11 @@ def test_unexpected_exception_is_internal_logged_and_the_server_keeps_serving(
         assert "Traceback" in caplog.text and SENTINEL in caplog.text
 
         # The server, and for the stream the same stream, keeps serving.
-        opened = client._stream
+        opened = client._open_stream()
         result = client.compute_loss("fine", GOOD_LOGITS, GOOD_LABELS, training=True, stream=stream)
         assert result.n_used == N
         if stream:
-            assert client._stream is opened and opened is not None and not opened.broken
+            assert client._open_stream() is opened and opened is not None and opened.usable
         assert client.get_state("fine").samples_this_epoch == N
         assert_unchanged(client, "boom", before)
         # The failure is repeatable and the server still answers other RPCs after it.

@@ -7,7 +7,7 @@ Change one import::
 """
 
 from lossd import functional
-from lossd._client import Client, LossStream
+from lossd._client import Client
 from lossd._config import ClientConfig
 from lossd._exceptions import (
     AlreadyExistsError,
@@ -25,6 +25,7 @@ from lossd._exceptions import (
     UnimplementedError,
 )
 from lossd._spec import SessionSpec
+from lossd._stream import LossStream
 from lossd._types import LossResult, SessionInfo, SessionState
 from lossd.nn import CrossEntropyLoss, LabelSmoothingLoss, OnlineLabelSmoothing, RemoteLoss
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import enum
-import queue
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -15,8 +14,9 @@ import torch
 
 from lossd import _codec
 from lossd._config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig
-from lossd._exceptions import UnavailableError, from_rpc_error, from_status, status_code
+from lossd._exceptions import from_rpc_error
 from lossd._spec import SessionSpec
+from lossd._stream import LossStream
 from lossd._types import LossResult, SessionInfo, SessionState
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
@@ -24,47 +24,32 @@ from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 R = TypeVar("R")
 
 
-class ClientState(enum.Enum):
-    OPEN = 1
-    CLOSED = 2
+class _Connection:
+    """The channel and the current loss stream: what a client must release, kept apart from
+    the client so that a finalizer can release it without keeping the client alive."""
 
-
-class LossStream:
-    """One bidirectional LossStream call: one request in flight, answered in order.
-
-    A failed request is reported in its response and leaves the stream open; a
-    broken stream raises, and the client opens a new one on the next call.
-    """
-
-    _END = object()
-
-    def __init__(self, stub: pb_grpc.LossServiceStub) -> None:
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._responses: Any = stub.LossStream(iter(self._requests.get, self._END))
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.closed = False
+        self._stream: LossStream | None = None
         self._lock = threading.Lock()
-        self.broken = False
 
-    def call(self, request: pb.LossRequest) -> pb.LossResponse:
+    def stream(self, stub: pb_grpc.LossServiceStub, timeout: float | None) -> LossStream:
         with self._lock:
-            if self.broken:
-                raise UnavailableError("the loss stream is closed")
-            self._requests.put(request)
-            try:
-                response: pb.LossResponse = next(self._responses)
-            except grpc.RpcError as error:
-                self.broken = True
-                raise from_rpc_error(error) from error
-            except StopIteration:
-                self.broken = True
-                raise UnavailableError("the server closed the loss stream") from None
-        if response.HasField("error"):
-            raise from_status(status_code(response.error.code), response.error.message)
-        return response
+            if self.closed:
+                raise RuntimeError("this lossd.Client is closed")
+            if self._stream is None or not self._stream.usable:
+                if self._stream is not None:
+                    self._stream.close()  # ends its reader thread
+                self._stream = LossStream(stub, timeout)
+            return self._stream
 
     def close(self) -> None:
-        self.broken = True
-        self._requests.put(self._END)
-        self._responses.cancel()
+        with self._lock:
+            self.closed = True
+            if self._stream is not None:
+                self._stream.close()
+            self.channel.close()
 
 
 class Client:
@@ -82,11 +67,11 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.config = ClientConfig.resolve(target, timeout=timeout, max_message_bytes=max_message_bytes)
-        self._channel = grpc.insecure_channel(self.config.target, options=self.config.channel_options())
-        self._stub = pb_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._stream: LossStream | None = None
-        self._stream_lock = threading.Lock()
-        self._state = ClientState.OPEN
+        channel = grpc.insecure_channel(self.config.target, options=self.config.channel_options())
+        self._stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._connection = _Connection(channel)
+        # Closes the channel and the stream even when a client is dropped without close().
+        self._finalizer = weakref.finalize(self, self._connection.close)
 
     @property
     def target(self) -> str:
@@ -94,7 +79,7 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return self._state is ClientState.CLOSED
+        return self._connection.closed
 
     def _call(self, method: Callable[..., R], request: Any) -> R:
         if self.closed:
@@ -177,23 +162,12 @@ class Client:
         return LossResult.from_proto(self._open_stream().call(request))
 
     def _open_stream(self) -> LossStream:
-        if self.closed:
-            raise RuntimeError("this lossd.Client is closed")
-        with self._stream_lock:
-            if self._stream is None or self._stream.broken:
-                self._stream = LossStream(self._stub)
-            return self._stream
+        return self._connection.stream(self._stub, self.config.timeout)
 
     # Lifecycle --------------------------------------------------------------
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self._state = ClientState.CLOSED
-        with self._stream_lock:
-            if self._stream is not None:
-                self._stream.close()
-        self._channel.close()
+        self._finalizer()
 
     def __enter__(self) -> Client:
         if self.closed:
@@ -206,4 +180,4 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"lossd.Client({self.target!r}, state={self._state.name})"
+        return f"lossd.Client({self.target!r}, {'closed' if self.closed else 'open'})"

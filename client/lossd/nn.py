@@ -21,6 +21,7 @@ from torch import nn
 from lossd import _codec
 from lossd._client import Client
 from lossd._config import DEFAULT_TIMEOUT
+from lossd._exceptions import FailedPreconditionError, NotFoundError
 from lossd._spec import SessionSpec
 from lossd._types import SessionInfo, SessionState
 from lossd.functional import DEFAULT_IGNORE_INDEX, EmptyClassPolicy, OlsInit, Reduction, compute_dtype
@@ -29,7 +30,12 @@ from lossd.functional import DEFAULT_IGNORE_INDEX, EmptyClassPolicy, OlsInit, Re
 class _RemoteLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, logits: torch.Tensor, labels: torch.Tensor, module: RemoteLoss, need_grad: bool
+        ctx: Any,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        module: RemoteLoss,
+        need_grad: bool,
+        loss_dtype: torch.dtype,
     ) -> torch.Tensor:
         result = module.client.compute_loss(
             module.session, logits.detach(), labels.detach().to("cpu"), training=module.training, need_grad=need_grad
@@ -39,20 +45,24 @@ class _RemoteLoss(torch.autograd.Function):
         ctx.grad = grad.to(logits.device) if grad is not None else None
         ctx.grad_exponent = result.grad_exponent
         ctx.per_sample = module.spec.reduction == "none"
-        return result.loss.to(device=logits.device, dtype=logits.dtype)
+        return result.loss.to(device=logits.device, dtype=loss_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         grad: torch.Tensor | None = ctx.grad
         if grad is None:
-            return None, None, None, None
+            return None, None, None, None, None
         # Scale in float32 before rounding to the logits' dtype, so a GradScaler-scaled
         # float16 gradient keeps the small entries a float16 product would flush.
         scale = grad_output.to(compute_dtype(grad.dtype))
         if ctx.per_sample:
             scale = scale.reshape(-1, 1)
-        return _codec.unscale_gradient(grad, ctx.grad_exponent, scale), None, None, None
+        return _codec.unscale_gradient(grad, ctx.grad_exponent, scale), None, None, None, None
+
+
+def _private_name() -> str:
+    return f"private-{uuid.uuid4().hex}"
 
 
 def _close_quietly(client: Client, owns_client: bool, private_session: str | None) -> None:
@@ -81,17 +91,35 @@ class RemoteLoss(nn.Module):
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__()
-        self._owns_client = client is None
-        self.client = client if client is not None else Client(target, timeout=timeout)
-        self.session = session or f"private-{uuid.uuid4().hex}"
         self.spec = spec
-        self._epoch = 0
-        self._created = False
-        self._finalizer = weakref.finalize(
-            self, _close_quietly, self.client, self._owns_client, None if session else self.session
-        )
+        self._private = session is None
+        self.session = session or _private_name()
+        self._connect(client if client is not None else Client(target, timeout=timeout), owns_client=client is None)
         if spec.n_classes:
             self._create_session(spec.n_classes)
+
+    def _connect(self, client: Client, *, owns_client: bool) -> None:
+        self.client = client
+        self._epoch = 0
+        self._created = False
+        # Runs on close() or garbage collection, without keeping the module alive.
+        private_session = self.session if self._private else None
+        self._finalizer = weakref.finalize(self, _close_quietly, client, owns_client, private_session)
+
+    # A module holds a live channel, which cannot be copied: a copy (copy.deepcopy,
+    # torch.save of a model holding the loss) reconnects to the same target, joins a
+    # named session at its first forward, and gets a fresh session of its own if private.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        state.update(client=None, _finalizer=None, _reconnect=(self.client.target, self.client.config.timeout))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        target, timeout = state.pop("_reconnect")
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        if self._private:
+            self.session = _private_name()
+        self._connect(Client(target, timeout=timeout), owns_client=True)
 
     def _create_session(self, n_classes: int) -> None:
         """Get-or-create the session; torch-style modules that are not told C do it at the first forward."""
@@ -120,7 +148,18 @@ class RemoteLoss(nn.Module):
         if not self._created:
             self._create_session(logits.shape[1])
         need_grad = input.requires_grad and torch.is_grad_enabled()
-        loss: torch.Tensor = _RemoteLoss.apply(logits, labels, self, need_grad)  # type: ignore[no-untyped-call]
+        # Under autocast torch computes cross-entropy in float32 and returns a float32
+        # loss; a float16 loss would round it and overflow under GradScaler's 2^16 scale.
+        autocast = logits.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(logits.device.type)
+        loss_dtype = compute_dtype(logits.dtype) if autocast else logits.dtype
+        try:
+            loss: torch.Tensor = _RemoteLoss.apply(logits, labels, self, need_grad, loss_dtype)  # type: ignore[no-untyped-call]
+        except NotFoundError:
+            if self.spec.kind == "online_label_smoothing":
+                raise  # its soft labels are gone: recreating it would silently restart OLS
+            # A stateless session lost with a server restart holds nothing to lose.
+            self._create_session(logits.shape[1])
+            loss = _RemoteLoss.apply(logits, labels, self, need_grad, loss_dtype)  # type: ignore[no-untyped-call]
         return unflatten(loss) if self.spec.reduction == "none" else loss
 
     def close(self) -> None:
@@ -252,8 +291,19 @@ class OnlineLabelSmoothing(RemoteLoss):
         self.a, self.n_classes = alpha, n_classes
 
     def next_epoch(self) -> None:
-        """Publish this epoch's soft labels. Fails (FailedPreconditionError) if the session already moved on."""
-        self._epoch = self.client.next_epoch(self.session, self._epoch).epoch
+        """Publish this epoch's soft labels, once: the server is told which epoch ends.
+
+        If the session is already one epoch further (the reply to an earlier call
+        was lost, or another module sharing the named session ended the epoch),
+        that counts as done; any other mismatch raises FailedPreconditionError.
+        """
+        try:
+            info = self.client.next_epoch(self.session, self._epoch)
+        except FailedPreconditionError:
+            info = self.client.get_session(self.session)
+            if info.epoch != self._epoch + 1:
+                raise
+        self._epoch = info.epoch
 
     @property
     def supervise(self) -> torch.Tensor:
