@@ -27,18 +27,29 @@ log = logging.getLogger("lossd_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
+FLUSH_SECONDS = 0.5
+
+
 @dataclass
 class Running:
     server: aio.Server
+    servicer: LossServicer
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
     port: int
     device: torch.device
 
     async def stop(self, grace: float) -> None:
-        """Refuse new calls, let the calls in flight finish for up to ``grace`` seconds, then cancel the rest."""
+        """Refuse new work, let the work in flight finish for up to ``grace`` seconds, then cancel the rest.
+
+        Trainers keep their streams open between steps; an idle stream is not
+        work in flight, so it does not hold shutdown up for the whole grace period.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if not await self.servicer.drain(grace):
+            log.warning("calls still running after %.1f s; cancelling them", grace)
+        # A short grace lets the last responses flush before the idle streams are cancelled.
+        await self.server.stop(min(grace, FLUSH_SECONDS))
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -55,7 +66,8 @@ async def start(settings: Settings) -> Running:
     store = MemoryStore(
         device=device, max_sessions=settings.max_sessions, matrix_memory_bytes=settings.matrix_memory_bytes
     )
-    pb_grpc.add_LossServiceServicer_to_server(LossServicer(store, executor), server)  # type: ignore[no-untyped-call]
+    servicer = LossServicer(store, executor)
+    pb_grpc.add_LossServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -76,7 +88,7 @@ async def start(settings: Settings) -> Running:
         torch.__version__,
         settings.workers,
     )
-    return Running(server, health_servicer, executor, port, device)
+    return Running(server, servicer, health_servicer, executor, port, device)
 
 
 async def serve(settings: Settings) -> None:

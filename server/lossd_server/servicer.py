@@ -15,7 +15,7 @@ import torch
 from grpc import aio
 
 from lossd import _codec
-from lossd._exceptions import InvalidArgumentError
+from lossd._exceptions import InvalidArgumentError, UnavailableError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server.batch import decode_batch
@@ -44,9 +44,37 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def __init__(self, store: SessionStore, executor: ThreadPoolExecutor) -> None:
         self._store = store
         self._executor = executor
+        # Touched only on the event loop, so no lock is needed.
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        if self._draining:
+            # Refused before it runs, so nothing is applied: the caller can retry on the next server.
+            raise UnavailableError("the server is shutting down")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work and wait up to ``timeout`` for the work in flight; False if some is left."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     # Session management -------------------------------------------------
 
