@@ -12,7 +12,7 @@ import lossd
 from lossd import functional as F
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
-from tests.conftest import ComputeGate
+from tests.conftest import TEST_DEVICE, ComputeGate
 
 C = 10
 THREADS = 8
@@ -44,14 +44,16 @@ def test_eight_trainers_on_one_session_sum_exactly(server: EmbeddedServer, sessi
     expected_acc = torch.zeros(C, C, dtype=torch.float64)
     expected_counts = torch.zeros(C, dtype=torch.int64)
     samples = 0
-    soft = F.initial_soft_labels(C, 0.1)
+    # The same math on the server's device, so only the order of summation can differ.
+    device = torch.device(TEST_DEVICE)
+    soft = F.initial_soft_labels(C, 0.1, device=device)
     for rank in range(THREADS):
         for step in range(STEPS):
-            logits, labels = _batch(rank * 1000 + step)
+            logits, labels = (t.to(device) for t in _batch(rank * 1000 + step))
             output = F.online_label_smoothing(logits, labels, soft, alpha=0.5)
             rows, probs = F.correct_rows(output, labels)
-            expected_acc.index_add_(0, rows, probs)
-            expected_counts.index_add_(0, rows, torch.ones_like(rows))
+            expected_acc.index_add_(0, rows.cpu(), probs.cpu())
+            expected_counts.index_add_(0, rows.cpu(), torch.ones_like(rows.cpu()))
             samples += output.n_used
 
     with lossd.Client(server.target) as admin:

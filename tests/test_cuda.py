@@ -63,9 +63,13 @@ def test_gpu_matches_cpu_over_epochs(targets: tuple[str, str], name: str, dtype:
                 torch.testing.assert_close(on_gpu.loss, on_cpu.loss, rtol=2e-6, atol=2e-6)
                 assert on_gpu.grad is not None and on_cpu.grad is not None
                 assert on_gpu.grad.dtype == dtype
-                # Rounded to the wire dtype on both sides: at most one ulp apart.
+                # The two devices' float32 softmax differ by a few float32 ulps, and p - t cancels,
+                # so allow 4 float32 ulps of the gradient's scale, plus one ulp of the wire dtype
+                # for rounding the two results to it on either side of a rounding boundary.
+                scale = float(on_cpu.grad.float().abs().max())
+                atol = 4 * torch.finfo(torch.float32).eps * scale
                 ulp = torch.finfo(dtype).eps
-                torch.testing.assert_close(on_gpu.grad.float(), on_cpu.grad.float(), rtol=ulp, atol=1e-7)
+                torch.testing.assert_close(on_gpu.grad.float(), on_cpu.grad.float(), rtol=ulp, atol=atol)
             for client in (gpu, cpu):
                 client.next_epoch(session)
         gpu_state, cpu_state = gpu.get_state(session), cpu.get_state(session)

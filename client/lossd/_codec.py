@@ -69,14 +69,14 @@ def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
         raise CodecError(field, f"negative dimension in shape {list(shape)}")
     count = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(message.data) != count * itemsize:
+    data = message.data  # each access of a bytes field copies it out of protobuf's arena: read it once
+    if len(data) != count * itemsize:
         raise CodecError(
-            field,
-            f"expected {count * itemsize} bytes for shape {list(shape)} of {dtype} but got {len(message.data)}",
+            field, f"expected {count * itemsize} bytes for shape {list(shape)} of {dtype} but got {len(data)}"
         )
     if count == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(message.data, dtype=dtype).reshape(shape)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 # float16 tops out at 65504; keep the largest scaled entry below 2^15 so a
