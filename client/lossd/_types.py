@@ -69,7 +69,9 @@ class SessionState:
 @dataclass(frozen=True)
 class LossResult:
     loss: torch.Tensor  # scalar, or [N] for reduction "none"
-    scaled_grad: torch.Tensor | None  # [N, C] in the logits' dtype: d loss / d logits * 2^grad_exponent
+    # [N, C] in the logits' dtype: d loss / d logits * 2^grad_exponent. A read-only view of
+    # the response's bytes (no copy on the hot path): clone it before writing into it.
+    scaled_grad: torch.Tensor | None
     grad_exponent: int
     n_used: int
     n_correct: int
@@ -87,7 +89,7 @@ class LossResult:
     @classmethod
     def from_proto(cls, message: pb.LossResponse) -> LossResult:
         return cls(
-            loss=_codec.decode(message.loss, "loss"),
+            loss=_codec.decode(message.loss, "loss").clone(),  # small; users may write into it
             scaled_grad=_codec.decode(message.grad, "grad") if message.HasField("grad") else None,
             grad_exponent=message.grad_exponent,
             n_used=message.n_used,
