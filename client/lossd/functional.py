@@ -18,6 +18,7 @@ module's ``supervise`` is its transpose).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,11 +47,12 @@ class LossOutput:
     valid: torch.Tensor  # [N] bool: label != ignore_index
     correct: torch.Tensor  # [N] bool: valid and argmax(p) == label
 
-    @property
+    # Cached: each is a device sync on CUDA, and both the statistics and the response read them.
+    @functools.cached_property
     def n_used(self) -> int:
         return int(self.valid.sum())
 
-    @property
+    @functools.cached_property
     def n_correct(self) -> int:
         return int(self.correct.sum())
 

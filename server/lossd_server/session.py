@@ -66,23 +66,32 @@ class Session:
     def state_bytes(self) -> int:
         return state_bytes(self.spec)
 
-    def _forward(self, batch: Batch, need_grad: bool, soft_labels: torch.Tensor | None) -> F.LossOutput:
+    def _forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, need_grad: bool, soft_labels: torch.Tensor | None
+    ) -> F.LossOutput:
         spec = self.spec
-        logits = batch.logits.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
-        options = dict(
-            weight=self._weight, ignore_index=spec.ignore_index, reduction=spec.reduction, need_grad=need_grad
-        )
         if soft_labels is not None:
             assert spec.alpha is not None
-            return F.online_label_smoothing(logits, labels, soft_labels, alpha=spec.alpha, **options)  # type: ignore[arg-type]
+            return F.online_label_smoothing(
+                logits,
+                labels,
+                soft_labels,
+                alpha=spec.alpha,
+                weight=self._weight,
+                ignore_index=spec.ignore_index,
+                reduction=spec.reduction,
+                need_grad=need_grad,
+            )
         assert spec.convention is not None
         return F.smoothed_cross_entropy(
             logits,
             labels,
             smoothing=spec.smoothing,
             convention=spec.convention,
-            **options,  # type: ignore[arg-type]
+            weight=self._weight,
+            ignore_index=spec.ignore_index,
+            reduction=spec.reduction,
+            need_grad=need_grad,
         )
 
     def _soft_labels_or_none(self) -> torch.Tensor | None:
@@ -90,15 +99,15 @@ class Session:
 
     def compute(self, batch: Batch, *, training: bool, need_grad: bool) -> Result:
         """Loss and gradient; in training mode, also this epoch's statistics, atomically."""
+        logits, labels = batch.logits.to(self.device), batch.labels.to(self.device)
         if not training:
             # Eval takes a consistent (epoch, soft labels) pair and computes outside the lock:
             # next_epoch and restore replace the soft-label tensor, they never write into it.
             with self._lock:
                 epoch, soft_labels = self.epoch, self._soft_labels_or_none()
-            return Result(self._forward(batch, need_grad, soft_labels), epoch)
+            return Result(self._forward(logits, labels, need_grad, soft_labels), epoch)
         with self._lock:
-            output = self._forward(batch, need_grad, self._soft_labels_or_none())
-            labels = batch.labels.to(self.device)
+            output = self._forward(logits, labels, need_grad, self._soft_labels_or_none())
             if self._ols:
                 rows, probs = F.correct_rows(output, labels)
                 self._accumulator.index_add_(0, rows, probs)
