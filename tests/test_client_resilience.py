@@ -134,3 +134,8 @@ def test_modules_survive_deepcopy_and_pickle(server: EmbeddedServer, session_nam
         torch.testing.assert_close(criterion(clone.net(x), y), expected)
         criterion.close()
     model.criterion.close()
+
+
+def test_probability_targets_are_refused_with_a_clear_error(server: EmbeddedServer) -> None:
+    with lossd.CrossEntropyLoss(target=server.target) as criterion, pytest.raises(TypeError, match="class-index"):
+        criterion(torch.randn(2, 3), torch.softmax(torch.randn(2, 3), dim=1))

@@ -144,6 +144,11 @@ class RemoteLoss(nn.Module):
         return input.reshape(-1, input.shape[-1]), target.reshape(-1), lambda loss: loss.reshape(out_shape)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_floating_point():
+            raise TypeError(
+                f"lossd losses take class-index targets (int64); got a {target.dtype} target. "
+                "Probability (soft) targets are not supported."
+            )
         logits, labels, unflatten = self._flatten(input, target)
         if not self._created:
             self._create_session(logits.shape[1])
