@@ -69,29 +69,17 @@ class Session:
     def _forward(
         self, logits: torch.Tensor, labels: torch.Tensor, need_grad: bool, soft_labels: torch.Tensor | None
     ) -> F.LossOutput:
+        # The kinds differ only in their targets; everything else is one code path.
         spec = self.spec
+        safe, valid = F.safe_labels(labels, spec.ignore_index)
         if soft_labels is not None:
             assert spec.alpha is not None
-            return F.online_label_smoothing(
-                logits,
-                labels,
-                soft_labels,
-                alpha=spec.alpha,
-                weight=self._weight,
-                ignore_index=spec.ignore_index,
-                reduction=spec.reduction,
-                need_grad=need_grad,
-            )
-        assert spec.convention is not None
-        return F.smoothed_cross_entropy(
-            logits,
-            labels,
-            smoothing=spec.smoothing,
-            convention=spec.convention,
-            weight=self._weight,
-            ignore_index=spec.ignore_index,
-            reduction=spec.reduction,
-            need_grad=need_grad,
+            targets = F.ols_targets(safe, soft_labels, spec.alpha, F.compute_dtype(logits.dtype))
+        else:
+            assert spec.convention is not None
+            targets = F.smoothed_targets(spec.n_classes, spec.smoothing, spec.convention)
+        return F.target_cross_entropy(
+            logits, safe, valid, targets, weight=self._weight, reduction=spec.reduction, need_grad=need_grad
         )
 
     def _soft_labels_or_none(self) -> torch.Tensor | None:
