@@ -155,7 +155,7 @@ def test_boolean_settings_parse_from_flags_and_environment(monkeypatch: pytest.M
 def test_work_arriving_while_draining_is_refused_and_not_applied(compute_gate: ComputeGate) -> None:
     server = EmbeddedServer(Settings(port=0, device="cpu", grace_seconds=10)).start()
     spec = lossd.SessionSpec(kind="online_label_smoothing", n_classes=3, alpha=0.5)
-    busy, late = lossd.Client(server.target), lossd.Client(server.target)
+    busy, late = lossd.Client(server.target), lossd.Client(server.target, retry_deadline=0)
     busy.create_session("drain", spec)
     running = server._running
     assert running is not None

@@ -627,17 +627,21 @@ def test_same_name_same_spec_returns_the_existing_session(
 # FAILED_PRECONDITION --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("epoch", [0, 2, -1, 10**12])
+@pytest.mark.parametrize("epoch", [2, -1, 10**12])
 def test_next_epoch_with_wrong_epoch_is_failed_precondition(client: lossd.Client, trained: str, epoch: int) -> None:
     before = snapshot(client, trained)
     with pytest.raises(lossd.FailedPreconditionError) as excinfo:
         client.next_epoch(trained, epoch=epoch)
     assert_error(excinfo.value, lossd.FailedPreconditionError, "epoch", str(epoch), "at epoch 1", repr(trained))
     assert_unchanged(client, trained, before)
-    # Positive control: the right epoch advances exactly once, a repeat is refused.
-    assert client.next_epoch(trained, epoch=1).epoch == 2
+    # Positive control: the right epoch advances exactly once; a repeat gets the same answer.
+    finished = client.next_epoch(trained, epoch=1)
+    assert finished.epoch == 2
+    assert client.next_epoch(trained, epoch=1) == finished
+    assert client.get_session(trained).epoch == 2
+    # Only the epoch just finished is a repeat; an older one is stale.
     with pytest.raises(lossd.FailedPreconditionError):
-        client.next_epoch(trained, epoch=1)
+        client.next_epoch(trained, epoch=0)
     assert client.get_session(trained).epoch == 2
 
 
@@ -896,12 +900,12 @@ def test_unexpected_exception_in_session_method_is_internal(
 ) -> None:
     caplog.set_level(logging.ERROR, logger="lossd_server")
 
-    def broken_next_epoch(self: Session, expected: int | None) -> None:
+    def broken_arrive(self: Session, rank: int, epoch: int | None) -> None:
         raise RuntimeError(SENTINEL)
 
     with EmbeddedServer(embedded_settings()) as running, lossd.Client(running.target) as client:
         client.create_session("s", OLS_SPEC)
-        monkeypatch.setattr(Session, "next_epoch", broken_next_epoch)
+        monkeypatch.setattr(Session, "arrive", broken_arrive)
         with pytest.raises(lossd.InternalError) as excinfo:
             client.next_epoch("s")
         assert excinfo.value.code is grpc.StatusCode.INTERNAL

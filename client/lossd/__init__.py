@@ -10,6 +10,7 @@ from lossd import functional
 from lossd._client import Client
 from lossd._config import ClientConfig
 from lossd._exceptions import (
+    AbortedError,
     AlreadyExistsError,
     CancelledError,
     DeadlineExceededError,
@@ -30,6 +31,7 @@ from lossd._types import LossResult, SessionInfo, SessionState
 from lossd.nn import CrossEntropyLoss, LabelSmoothingLoss, OnlineLabelSmoothing, RemoteLoss
 
 __all__ = [
+    "AbortedError",
     "AlreadyExistsError",
     "CancelledError",
     "Client",

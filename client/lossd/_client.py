@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 import weakref
@@ -13,8 +14,9 @@ import grpc
 import torch
 
 from lossd import _codec
-from lossd._config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig
-from lossd._exceptions import from_rpc_error
+from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig
+from lossd._exceptions import NotFoundError, UnavailableError, from_rpc_error
+from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
 from lossd._stream import LossStream
 from lossd._types import LossResult, SessionInfo, SessionState
@@ -57,6 +59,11 @@ class Client:
 
     ``with lossd.Client("localhost:50051") as client: client.create_session("run", spec)``.
     Without a target it uses ``LOSSD_TARGET``, else ``localhost:50051``.
+
+    ``timeout`` bounds each call; ``barrier_timeout`` how long next_epoch waits for
+    the other ranks. A call that fails with UNAVAILABLE (the server restarts, the
+    connection drops) is retried with backoff for up to ``retry_deadline`` seconds,
+    loss requests under their original id, so none is lost or counted twice.
     """
 
     def __init__(
@@ -65,8 +72,16 @@ class Client:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry_deadline: float = RetryPolicy.deadline,
+        barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
     ) -> None:
-        self.config = ClientConfig.resolve(target, timeout=timeout, max_message_bytes=max_message_bytes)
+        self.config = ClientConfig.resolve(
+            target,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            retry_deadline=retry_deadline,
+            barrier_timeout=barrier_timeout,
+        )
         channel = grpc.insecure_channel(self.config.target, options=self.config.channel_options())
         self._stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
         self._connection = _Connection(channel)
@@ -81,13 +96,21 @@ class Client:
     def closed(self) -> bool:
         return self._connection.closed
 
-    def _call(self, method: Callable[..., R], request: Any) -> R:
+    def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this lossd.Client is closed")
+
+    def _call_once(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        self._check_open()
         try:
-            return method(request, timeout=self.config.timeout)
+            return method(request, timeout=timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
+
+    def _call(self, method: Callable[..., R], request: Any, *, timeout: float | None = None) -> R:
+        """One RPC, retried on UNAVAILABLE; only for requests that are safe to repeat."""
+        call_timeout = self.config.timeout if timeout is None else timeout
+        return self.config.retry.run(lambda: self._call_once(method, request, call_timeout), self.target)
 
     # Sessions -------------------------------------------------------------
 
@@ -103,15 +126,34 @@ class Client:
         response = self._call(self._stub.ListSessions, pb.ListSessionsRequest())
         return [SessionInfo.from_proto(s) for s in response.sessions]
 
-    def delete_session(self, name: str) -> None:
-        self._call(self._stub.DeleteSession, pb.DeleteSessionRequest(name=name))
+    def delete_session(self, name: str, *, retry: bool = True) -> None:
+        """Delete a session; ``retry=False`` makes one attempt (best-effort clean-up at close)."""
+        request = pb.DeleteSessionRequest(name=name)
+        try:
+            self._call_once(self._stub.DeleteSession, request, self.config.timeout)
+        except UnavailableError:
+            if not retry:
+                raise
+            with contextlib.suppress(NotFoundError):  # retried: an earlier attempt may have deleted it
+                self._call(self._stub.DeleteSession, request)
 
-    def next_epoch(self, session: str, epoch: int | None = None) -> SessionInfo:
-        """Finish the epoch. With ``epoch``, fails unless it is the session's current epoch."""
-        request = pb.NextEpochRequest(session=session)
-        if epoch is not None:
-            request.epoch = epoch
-        return SessionInfo.from_proto(self._call(self._stub.NextEpoch, request))
+    def next_epoch(
+        self, session: str, epoch: int | None = None, *, rank: int = 0, timeout: float | None = None
+    ) -> SessionInfo:
+        """Finish ``epoch`` for ``rank``; returns once every rank of the session has finished it.
+
+        A repeat for the epoch just finished returns the same answer, so this is
+        safe to retry. Waits up to ``timeout`` (default: the client's
+        ``barrier_timeout``) and then raises DeadlineExceededError naming the
+        missing ranks. Without ``epoch`` (world_size 1 only) it finishes whatever
+        epoch is current and is not retried, since a repeat would advance again.
+        """
+        request = pb.NextEpochRequest(session=session, rank=rank)
+        wait = self.config.barrier_timeout if timeout is None else timeout
+        if epoch is None:
+            return SessionInfo.from_proto(self._call_once(self._stub.NextEpoch, request, wait))
+        request.epoch = epoch
+        return SessionInfo.from_proto(self._call(self._stub.NextEpoch, request, timeout=wait))
 
     def get_state(self, session: str) -> SessionState:
         return SessionState.from_proto(self._call(self._stub.GetState, pb.GetStateRequest(session=session)))
@@ -130,15 +172,21 @@ class Client:
         training: bool,
         need_grad: bool,
         request_id: str | None,
+        rank: int,
+        epoch: int | None,
     ) -> pb.LossRequest:
-        return pb.LossRequest(
+        request = pb.LossRequest(
             session=session,
             logits=_codec.encode(logits),
             labels=_codec.encode(labels),
             training=training,
             need_grad=need_grad,
             request_id=request_id or uuid.uuid4().hex,
+            rank=rank,
         )
+        if epoch is not None:
+            request.epoch = epoch
+        return request
 
     def compute_loss(
         self,
@@ -149,19 +197,24 @@ class Client:
         training: bool = True,
         need_grad: bool = True,
         request_id: str | None = None,
+        rank: int = 0,
+        epoch: int | None = None,
         stream: bool = True,
     ) -> LossResult:
         """Loss and gradient for [N, C] logits and [N] labels.
 
-        ``stream=True`` (the per-step path) sends the request on this client's
-        bidirectional stream; ``False`` makes one unary call.
+        ``epoch``, when given, must be the session's epoch (FailedPreconditionError
+        otherwise). ``stream=True`` (the per-step path) sends the request on this
+        client's bidirectional stream; ``False`` makes one unary call. Either way a
+        resend after UNAVAILABLE keeps the request id, so it is applied once.
         """
-        request = self._loss_request(session, logits, labels, training, need_grad, request_id)
+        request = self._loss_request(session, logits, labels, training, need_grad, request_id, rank, epoch)
         if not stream:
             return LossResult.from_proto(self._call(self._stub.ComputeLoss, request))
-        return LossResult.from_proto(self._open_stream().call(request))
+        return LossResult.from_proto(self.config.retry.run(lambda: self._open_stream().call(request), self.target))
 
     def _open_stream(self) -> LossStream:
+        self._check_open()
         return self._connection.stream(self._stub, self.config.timeout)
 
     # Lifecycle --------------------------------------------------------------

@@ -8,6 +8,7 @@ statuses; the client turns statuses back into them with :func:`from_rpc_error`::
     ├── NotFoundError               NOT_FOUND
     ├── AlreadyExistsError          ALREADY_EXISTS
     ├── FailedPreconditionError     FAILED_PRECONDITION
+    ├── AbortedError                ABORTED
     ├── ResourceExhaustedError      RESOURCE_EXHAUSTED
     ├── UnauthenticatedError        UNAUTHENTICATED
     ├── PermissionDeniedError       PERMISSION_DENIED
@@ -49,6 +50,10 @@ class FailedPreconditionError(LossdError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AbortedError(LossdError):
+    code = grpc.StatusCode.ABORTED
+
+
 class ResourceExhaustedError(LossdError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -88,6 +93,7 @@ _BY_CODE: dict[grpc.StatusCode, type[LossdError]] = {
         NotFoundError,
         AlreadyExistsError,
         FailedPreconditionError,
+        AbortedError,
         ResourceExhaustedError,
         UnauthenticatedError,
         PermissionDeniedError,

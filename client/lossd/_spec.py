@@ -67,6 +67,7 @@ class SessionSpec:
     weight: tuple[float, ...] | None = None
     init: OlsInit | None = None
     empty_class: EmptyClassPolicy | None = None
+    world_size: int = 1
 
     def to_proto(self) -> pb.SessionSpec:
         message = pb.SessionSpec(
@@ -78,6 +79,7 @@ class SessionSpec:
             ignore_index=self.ignore_index,
             init=_to_wire(INITS, "init", self.init),
             empty_class=_to_wire(EMPTY_CLASS_POLICIES, "empty_class", self.empty_class),
+            world_size=self.world_size,
         )
         if self.alpha is not None:
             message.alpha = self.alpha
@@ -102,4 +104,5 @@ class SessionSpec:
             weight=weight,
             init=_from_wire(INITS, message.init),  # type: ignore[arg-type]
             empty_class=_from_wire(EMPTY_CLASS_POLICIES, message.empty_class),  # type: ignore[arg-type]
+            world_size=message.world_size or 1,
         )

@@ -21,6 +21,8 @@ class SessionInfo:
     created_at: float
     updated_at: float
     state_bytes: int
+    # Ranks that have called next_epoch for the current epoch.
+    ranks_finished: tuple[int, ...] = ()
 
     @classmethod
     def from_proto(cls, message: pb.Session) -> SessionInfo:
@@ -33,6 +35,7 @@ class SessionInfo:
             created_at=message.created_at,
             updated_at=message.updated_at,
             state_bytes=message.state_bytes,
+            ranks_finished=tuple(message.ranks_finished),
         )
 
 

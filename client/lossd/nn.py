@@ -20,8 +20,10 @@ from torch import nn
 
 from lossd import _codec
 from lossd._client import Client
-from lossd._config import DEFAULT_TIMEOUT
-from lossd._exceptions import FailedPreconditionError, NotFoundError
+from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_TIMEOUT
+from lossd._distributed import barrier_if_initialised, resolve_ranks
+from lossd._exceptions import NotFoundError
+from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
 from lossd._types import SessionInfo, SessionState
 from lossd.functional import DEFAULT_IGNORE_INDEX, EmptyClassPolicy, OlsInit, Reduction, compute_dtype
@@ -38,7 +40,13 @@ class _RemoteLoss(torch.autograd.Function):
         loss_dtype: torch.dtype,
     ) -> torch.Tensor:
         result = module.client.compute_loss(
-            module.session, logits.detach(), labels.detach().to("cpu"), training=module.training, need_grad=need_grad
+            module.session,
+            logits.detach(),
+            labels.detach().to("cpu"),
+            training=module.training,
+            need_grad=need_grad,
+            rank=module.rank,
+            epoch=module._epoch if module._epoch_tagged else None,
         )
         module._epoch = result.epoch
         grad = result.scaled_grad
@@ -68,7 +76,7 @@ def _private_name() -> str:
 def _close_quietly(client: Client, owns_client: bool, private_session: str | None) -> None:
     if private_session is not None and not client.closed:
         with contextlib.suppress(Exception):  # best effort at garbage collection; the server may be gone
-            client.delete_session(private_session)
+            client.delete_session(private_session, retry=False)
     if owns_client:
         client.close()
 
@@ -78,8 +86,12 @@ class RemoteLoss(nn.Module):
 
     ``session=None`` creates a private session that is deleted on :meth:`close`;
     a named session outlives the module, and a module created with the name of an
-    existing session (same spec) joins it as it stands.
+    existing session (same spec) joins it as it stands. The connection options
+    (``timeout``, ``retry_deadline``, ``barrier_timeout``) are those of :class:`lossd.Client`.
     """
+
+    # Whether requests carry the module's epoch, so the server refuses them once the epoch is over.
+    _epoch_tagged = False
 
     def __init__(
         self,
@@ -89,12 +101,20 @@ class RemoteLoss(nn.Module):
         session: str | None = None,
         client: Client | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        retry_deadline: float = RetryPolicy.deadline,
+        barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.rank = rank
         self._private = session is None
         self.session = session or _private_name()
-        self._connect(client if client is not None else Client(target, timeout=timeout), owns_client=client is None)
+        if client is None:
+            client = Client(target, timeout=timeout, retry_deadline=retry_deadline, barrier_timeout=barrier_timeout)
+            self._connect(client, owns_client=True)
+        else:
+            self._connect(client, owns_client=False)
         if spec.n_classes:
             self._create_session(spec.n_classes)
 
@@ -111,15 +131,21 @@ class RemoteLoss(nn.Module):
     # named session at its first forward, and gets a fresh session of its own if private.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
-        state.update(client=None, _finalizer=None, _reconnect=(self.client.target, self.client.config.timeout))
+        config = self.client.config
+        state.update(
+            client=None,
+            _finalizer=None,
+            _reconnect=(config.target, config.timeout, config.retry.deadline, config.barrier_timeout),
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        target, timeout = state.pop("_reconnect")
+        target, timeout, retry_deadline, barrier_timeout = state.pop("_reconnect")
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         if self._private:
             self.session = _private_name()
-        self._connect(Client(target, timeout=timeout), owns_client=True)
+        client = Client(target, timeout=timeout, retry_deadline=retry_deadline, barrier_timeout=barrier_timeout)
+        self._connect(client, owns_client=True)
 
     def _create_session(self, n_classes: int) -> None:
         """Get-or-create the session; torch-style modules that are not told C do it at the first forward."""
@@ -180,7 +206,8 @@ class RemoteLoss(nn.Module):
         self.close()
 
     def extra_repr(self) -> str:
-        return f"session={self.session!r}, target={self.client.target!r}"
+        ranks = f", rank={self.rank}/{self.spec.world_size}" if self.spec.world_size > 1 else ""
+        return f"session={self.session!r}, target={self.client.target!r}{ranks}"
 
 
 def _weight_tuple(weight: torch.Tensor | None) -> tuple[float, ...] | None:
@@ -265,7 +292,16 @@ class OnlineLabelSmoothing(RemoteLoss):
     The soft-label matrix lives on the server: ``supervise[:, k]`` is the soft
     label of class k. Call :meth:`next_epoch` once per epoch, and ``eval()``
     during validation so its batches do not count.
+
+    Distributed workers share one matrix by naming one session: every rank calls
+    ``OnlineLabelSmoothing(..., session="run-name")``. ``world_size`` and ``rank``
+    come from the arguments, else an initialised torch.distributed, else the
+    RANK / WORLD_SIZE variables torchrun sets. :meth:`next_epoch` is then a
+    barrier: S is published once every rank has finished the epoch, from all
+    their batches.
     """
+
+    _epoch_tagged = True
 
     def __init__(
         self,
@@ -278,8 +314,16 @@ class OnlineLabelSmoothing(RemoteLoss):
         reduction: Reduction = "mean",
         ignore_index: int = DEFAULT_IGNORE_INDEX,
         weight: torch.Tensor | None = None,
+        world_size: int | None = None,
+        rank: int | None = None,
         **connection: Any,
     ) -> None:
+        world_size, rank = resolve_ranks(world_size, rank)
+        if world_size > 1 and connection.get("session") is None:
+            raise ValueError(
+                f"world_size={world_size}: name the session so that every rank shares it, "
+                "e.g. OnlineLabelSmoothing(..., session='my-run'); a private session would give each rank its own S"
+            )
         spec = SessionSpec(
             kind="online_label_smoothing",
             n_classes=n_classes,
@@ -291,24 +335,20 @@ class OnlineLabelSmoothing(RemoteLoss):
             weight=_weight_tuple(weight),
             init=init,
             empty_class=empty_class,
+            world_size=world_size,
         )
-        super().__init__(spec, **connection)
+        super().__init__(spec, rank=rank, **connection)
         self.a, self.n_classes = alpha, n_classes
 
     def next_epoch(self) -> None:
-        """Publish this epoch's soft labels, once: the server is told which epoch ends.
+        """Finish this module's epoch and publish the new soft labels.
 
-        If the session is already one epoch further (the reply to an earlier call
-        was lost, or another module sharing the named session ended the epoch),
-        that counts as done; any other mismatch raises FailedPreconditionError.
+        With several ranks, waits until every rank has called it (up to the
+        client's ``barrier_timeout``; DeadlineExceededError then names the missing
+        ranks). The server is told which epoch ends, so a repeat, a retry after a
+        lost reply, or a second module on the same session never advances twice.
         """
-        try:
-            info = self.client.next_epoch(self.session, self._epoch)
-        except FailedPreconditionError:
-            info = self.client.get_session(self.session)
-            if info.epoch != self._epoch + 1:
-                raise
-        self._epoch = info.epoch
+        self._epoch = self.client.next_epoch(self.session, self._epoch, rank=self.rank).epoch
 
     @property
     def supervise(self) -> torch.Tensor:
@@ -355,6 +395,11 @@ class OnlineLabelSmoothing(RemoteLoss):
             counts = counts.round()
         epoch = state_dict.get(prefix + "epoch")
         samples = state_dict.get(prefix + "samples_this_epoch")
+        if self.spec.world_size > 1 and self.rank != 0:
+            # One shared state: rank 0 loads it, every rank waits for that before training on.
+            self._epoch = int(epoch) if epoch is not None else self.info().epoch
+            barrier_if_initialised()
+            return
         state = SessionState(
             epoch=int(epoch) if epoch is not None else self._epoch,
             supervise=state_dict[prefix + "supervise"].detach().to("cpu", torch.float32),
@@ -363,6 +408,8 @@ class OnlineLabelSmoothing(RemoteLoss):
             samples_this_epoch=int(samples) if samples is not None else 0,
         )
         self._epoch = self.client.load_state(self.session, state).epoch
+        if self.spec.world_size > 1:
+            barrier_if_initialised()
         if strict:
             known = {prefix + key for key in (*keys, "epoch", "samples_this_epoch")}
             unexpected_keys.extend(

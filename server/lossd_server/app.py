@@ -20,6 +20,7 @@ from lossd_server.config import Settings
 from lossd_server.device import resolve_device
 from lossd_server.errors import ErrorInterceptor
 from lossd_server.malloc import tune_malloc
+from lossd_server.replay import ReplayLimits
 from lossd_server.servicer import LossServicer
 from lossd_server.store import MemoryStore
 
@@ -64,7 +65,10 @@ async def start(settings: Settings) -> Running:
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     store = MemoryStore(
-        device=device, max_sessions=settings.max_sessions, matrix_memory_bytes=settings.matrix_memory_bytes
+        device=device,
+        max_sessions=settings.max_sessions,
+        matrix_memory_bytes=settings.matrix_memory_bytes,
+        replay=ReplayLimits(ids=settings.replay_ids, responses=settings.replay_responses),
     )
     servicer = LossServicer(store, executor)
     pb_grpc.add_LossServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

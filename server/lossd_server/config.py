@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     matrix_memory_bytes: int = Field(
         4 * GiB, ge=0, description="Budget for all OLS matrices (12 C^2 + 8 C bytes a session)."
     )
+    replay_ids: int = Field(
+        1024, ge=1, description="Training request ids remembered per rank, so a resend is never applied twice."
+    )
+    replay_responses: int = Field(
+        2, ge=1, description="Responses kept per rank, so a resend after a lost response gets the original."
+    )
     workers: int = Field(8, ge=1, description="Threads that run the loss math.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     grace_seconds: float = Field(5.0, ge=0, le=60, description="How long SIGTERM waits for calls in flight.")

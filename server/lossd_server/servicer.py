@@ -1,42 +1,61 @@
 """LossService: decodes requests, calls the store and sessions, encodes responses.
 
 Every method body runs on a worker thread, so the event loop stays free for
-health checks and other streams while the math runs.
+health checks and other streams while the math runs. Ranks waiting in the
+next_epoch barrier wait on the event loop, not on a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 from grpc import aio
 
 from lossd import _codec
-from lossd._exceptions import InvalidArgumentError, UnavailableError
+from lossd._exceptions import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server.batch import decode_batch
 from lossd_server.errors import status_of
-from lossd_server.session import Session, StateSnapshot
+from lossd_server.session import Session, SessionView, StateSnapshot
 from lossd_server.spec import canonical_spec
 from lossd_server.store import SessionStore
 
 T = TypeVar("T")
 
+# A barrier call answers this long before its deadline, so the caller learns
+# which ranks are missing instead of a bare DEADLINE_EXCEEDED from gRPC.
+MAX_DEADLINE_MARGIN = 1.0
 
-def session_message(session: Session) -> pb.Session:
+
+def session_message(view: SessionView) -> pb.Session:
     return pb.Session(
-        name=session.name,
-        spec=session.spec.to_proto(),
-        epoch=session.epoch,
-        samples_this_epoch=session.samples_this_epoch,
-        correct_this_epoch=session.correct_this_epoch,
-        created_at=session.created_at,
-        updated_at=session.updated_at,
-        state_bytes=session.state_bytes,
+        name=view.name,
+        spec=view.spec.to_proto(),
+        epoch=view.epoch,
+        samples_this_epoch=view.samples_this_epoch,
+        correct_this_epoch=view.correct_this_epoch,
+        created_at=view.created_at,
+        updated_at=view.updated_at,
+        state_bytes=view.state_bytes,
+        ranks_finished=view.ranks_finished,
+    )
+
+
+def _fingerprint(request: pb.LossRequest) -> Hashable:
+    """What a resend must repeat; the tensor bytes are not hashed, to keep the hot path cheap."""
+    return (
+        request.need_grad,
+        request.epoch if request.HasField("epoch") else None,
+        request.logits.dtype,
+        tuple(request.logits.shape),
+        len(request.logits.data),
+        request.labels.dtype,
+        tuple(request.labels.shape),
     )
 
 
@@ -46,6 +65,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._executor = executor
         # Touched only on the event loop, so no lock is needed.
         self._draining = False
+        self._drain_started = asyncio.Event()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,6 +90,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     async def drain(self, timeout: float) -> bool:
         """Refuse new work and wait up to ``timeout`` for the work in flight; False if some is left."""
         self._draining = True
+        self._drain_started.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -80,7 +101,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _create(self, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         session, created = self._store.create(request.name, canonical_spec(request.spec))
-        return pb.CreateSessionResponse(session=session_message(session), created=created)
+        return pb.CreateSessionResponse(session=session_message(session.view()), created=created)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: aio.ServicerContext
@@ -88,27 +109,45 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return await self._run(self._create, request)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.Session:
-        return await self._run(lambda: session_message(self._store.get(request.name)))
+        return await self._run(lambda: session_message(self._store.get(request.name).view()))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         return await self._run(
-            lambda: pb.ListSessionsResponse(sessions=[session_message(s) for s in self._store.list()])
+            lambda: pb.ListSessionsResponse(sessions=[session_message(s.view()) for s in self._store.list()])
         )
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
-        await self._run(self._store.delete, request.name)
+        await self._run(self._delete, request.name)
         return pb.DeleteSessionResponse()
+
+    def _delete(self, name: str) -> None:
+        session = self._store.delete(name)
+        session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
 
     # Losses ---------------------------------------------------------------
 
     def _compute(self, request: pb.LossRequest) -> pb.LossResponse:
         session = self._store.get(request.session)
+        session.check_rank(request.rank)
+        if not (request.training and request.request_id):
+            return self._respond(session, request)  # eval changes no state, so a resend may recompute
+        return session.replay.run_once(  # type: ignore[return-value]
+            request.rank, request.request_id, _fingerprint(request), lambda: self._respond(session, request)
+        )
+
+    def _respond(self, session: Session, request: pb.LossRequest) -> pb.LossResponse:
         batch = decode_batch(request, session.spec)
-        result = session.compute(batch, training=request.training, need_grad=request.need_grad)
+        result = session.compute(
+            batch,
+            training=request.training,
+            need_grad=request.need_grad,
+            rank=request.rank,
+            epoch=request.epoch if request.HasField("epoch") else None,
+        )
         output = result.output
         response = pb.LossResponse(
             request_id=request.request_id,
@@ -140,13 +179,42 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # Epochs and state ---------------------------------------------------------
 
-    def _next_epoch(self, request: pb.NextEpochRequest) -> pb.Session:
+    def _arrive(self, request: pb.NextEpochRequest) -> tuple[Session, Future[SessionView]]:
         session = self._store.get(request.session)
-        session.next_epoch(request.epoch if request.HasField("epoch") else None)
-        return session_message(session)
+        return session, session.arrive(request.rank, request.epoch if request.HasField("epoch") else None)
 
     async def NextEpoch(self, request: pb.NextEpochRequest, context: aio.ServicerContext) -> pb.Session:
-        return await self._run(self._next_epoch, request)
+        session, done = await self._run(self._arrive, request)
+        if not done.done():
+            await self._wait_for_ranks(session, request, done, context.time_remaining())
+        return session_message(done.result())
+
+    async def _wait_for_ranks(
+        self, session: Session, request: pb.NextEpochRequest, done: Future[SessionView], remaining: float | None
+    ) -> None:
+        wait = None if remaining is None else max(0.0, remaining - min(MAX_DEADLINE_MARGIN, 0.1 * remaining))
+        # Never cancel the wrapper: that would cancel the future every rank shares.
+        finished: asyncio.Future[SessionView] = asyncio.wrap_future(done)
+        draining: asyncio.Future[bool] = asyncio.ensure_future(self._drain_started.wait())
+        try:
+            await asyncio.wait((finished, draining), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+        if done.done():
+            return
+        if self._draining:
+            raise UnavailableError(
+                "the server is shutting down while this rank waits in next_epoch; call it again on the next server"
+            )
+        epoch = request.epoch if request.HasField("epoch") else session.epoch
+        missing = session.missing_ranks(epoch)
+        if missing is None:  # finished in the instant after the wait ended
+            return
+        raise DeadlineExceededError(
+            f"next_epoch for epoch {epoch} of session {session.name!r}: rank {request.rank} waited {wait:.1f} s "
+            f"and ranks {missing} have not called it ({session.world_size - len(missing)} of "
+            f"world_size={session.world_size} have); this rank's call stays recorded"
+        )
 
     def _get_state(self, request: pb.GetStateRequest) -> pb.SessionState:
         state = self._store.get(request.session).snapshot()
@@ -183,7 +251,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 samples_this_epoch=message.samples_this_epoch,
             )
         )
-        return session_message(session)
+        return session_message(session.view())
 
     async def LoadState(self, request: pb.LoadStateRequest, context: aio.ServicerContext) -> pb.Session:
         return await self._run(self._load_state, request)

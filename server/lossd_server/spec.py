@@ -13,6 +13,7 @@ from lossd._spec import CONVENTIONS, EMPTY_CLASS_POLICIES, INITS, KINDS, REDUCTI
 from lossd.v1 import loss_service_pb2 as pb
 
 MAX_CLASSES = 1 << 24  # beyond this even a single row of logits is unreasonable
+MAX_WORLD_SIZE = 1 << 16
 
 
 def _check_enum(table: dict[str, int], field: str, value: int) -> None:
@@ -53,6 +54,10 @@ def canonical_spec(message: pb.SessionSpec) -> SessionSpec:
         raise InvalidArgumentError(f"spec.smoothing: expected 0 <= smoothing < 1 but got {message.smoothing}")
     if message.HasField("weight"):
         _check_weight(message, message.n_classes)
+    if not 0 <= message.world_size <= MAX_WORLD_SIZE:
+        raise InvalidArgumentError(
+            f"spec.world_size: expected 1 <= world_size <= {MAX_WORLD_SIZE} (0 means 1) but got {message.world_size}"
+        )
 
     spec = SessionSpec.from_proto(message)
     ols = spec.kind == "online_label_smoothing"

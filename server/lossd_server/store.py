@@ -11,6 +11,7 @@ import torch
 
 from lossd._exceptions import AlreadyExistsError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from lossd._spec import SessionSpec
+from lossd_server.replay import ReplayLimits
 from lossd_server.session import Session, state_bytes
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
@@ -40,12 +41,21 @@ class SessionStore(Protocol):
 
     def list(self) -> list[Session]: ...
 
-    def delete(self, name: str) -> None: ...
+    def delete(self, name: str) -> Session:
+        """Remove and return the session."""
 
 
 class MemoryStore:
-    def __init__(self, *, device: torch.device, max_sessions: int, matrix_memory_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        max_sessions: int,
+        matrix_memory_bytes: int,
+        replay: ReplayLimits | None = None,
+    ) -> None:
         self._device = device
+        self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self._matrix_memory_bytes = matrix_memory_bytes
         self._sessions: dict[str, Session] = {}
@@ -74,7 +84,7 @@ class MemoryStore:
                     f"session {name!r} needs {needed} bytes of matrices (n_classes={spec.n_classes}); "
                     f"{used} of matrix_memory_bytes={self._matrix_memory_bytes} are in use"
                 )
-            session = Session(name, spec, self._device)
+            session = Session(name, spec, self._device, self._replay)
             self._sessions[name] = session
             return session, True
 
@@ -89,7 +99,9 @@ class MemoryStore:
         with self._lock:
             return sorted(self._sessions.values(), key=lambda session: session.name)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str) -> Session:
         with self._lock:
-            if self._sessions.pop(name, None) is None:
-                raise NotFoundError(f"session {name!r} not found")
+            session = self._sessions.pop(name, None)
+        if session is None:
+            raise NotFoundError(f"session {name!r} not found")
+        return session

@@ -216,6 +216,7 @@ class SessionSpec(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     INIT_FIELD_NUMBER: _builtins.int
     EMPTY_CLASS_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
     kind: Global___LossKind.ValueType
     n_classes: _builtins.int
     smoothing: _builtins.float
@@ -232,6 +233,10 @@ class SessionSpec(_message.Message):
     """
     init: Global___OlsInit.ValueType
     empty_class: Global___EmptyClassPolicy.ValueType
+    world_size: _builtins.int
+    """Workers (ranks 0 .. world_size-1) that share the session; 0 means 1.
+    NextEpoch finishes an epoch only once every rank has called it.
+    """
     @_builtins.property
     def weight(self) -> Global___Tensor:
         """Optional per-class rescaling weight of shape [C], with torch's semantics."""
@@ -249,10 +254,11 @@ class SessionSpec(_message.Message):
         weight: Global___Tensor | None = ...,
         init: Global___OlsInit.ValueType = ...,
         empty_class: Global___EmptyClassPolicy.ValueType = ...,
+        world_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_ignore_index", b"_ignore_index", "alpha", b"alpha", "ignore_index", b"ignore_index", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_ignore_index", b"_ignore_index", "alpha", b"alpha", "convention", b"convention", "empty_class", b"empty_class", "ignore_index", b"ignore_index", "init", b"init", "kind", b"kind", "n_classes", b"n_classes", "reduction", b"reduction", "smoothing", b"smoothing", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_ignore_index", b"_ignore_index", "alpha", b"alpha", "convention", b"convention", "empty_class", b"empty_class", "ignore_index", b"ignore_index", "init", b"init", "kind", b"kind", "n_classes", b"n_classes", "reduction", b"reduction", "smoothing", b"smoothing", "weight", b"weight", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -277,6 +283,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STATE_BYTES_FIELD_NUMBER: _builtins.int
+    RANKS_FINISHED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     epoch: _builtins.int
     samples_this_epoch: _builtins.int
@@ -293,6 +300,10 @@ class Session(_message.Message):
     def spec(self) -> Global___SessionSpec:
         """The spec with every default filled in."""
 
+    @_builtins.property
+    def ranks_finished(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ranks that have called NextEpoch for the current epoch, ascending."""
+
     def __init__(
         self,
         *,
@@ -304,10 +315,11 @@ class Session(_message.Message):
         created_at: _builtins.float = ...,
         updated_at: _builtins.float = ...,
         state_bytes: _builtins.int = ...,
+        ranks_finished: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct_this_epoch", b"correct_this_epoch", "created_at", b"created_at", "epoch", b"epoch", "name", b"name", "samples_this_epoch", b"samples_this_epoch", "spec", b"spec", "state_bytes", b"state_bytes", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct_this_epoch", b"correct_this_epoch", "created_at", b"created_at", "epoch", b"epoch", "name", b"name", "ranks_finished", b"ranks_finished", "samples_this_epoch", b"samples_this_epoch", "spec", b"spec", "state_bytes", b"state_bytes", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,12 +470,24 @@ class LossRequest(_message.Message):
     TRAINING_FIELD_NUMBER: _builtins.int
     NEED_GRAD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     training: _builtins.bool
     """Training requests update the OLS statistics; eval requests never do."""
     need_grad: _builtins.bool
     request_id: _builtins.str
-    """Chosen by the client and echoed in the response."""
+    """Chosen by the client and echoed in the response; unique per (session,
+    rank, step). A training request whose id the server has already applied
+    is not applied again: it gets the original response. Empty: no
+    deduplication.
+    """
+    rank: _builtins.int
+    """The sender's rank, in [0, world_size)."""
+    epoch: _builtins.int
+    """The epoch the sender is in. A request for any other epoch than the
+    session's is FAILED_PRECONDITION. Absent: the session's current epoch.
+    """
     @_builtins.property
     def logits(self) -> Global___Tensor:
         """[N, C] floating point; the client flattens [N, ..., C]."""
@@ -481,12 +505,16 @@ class LossRequest(_message.Message):
         training: _builtins.bool = ...,
         need_grad: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        epoch: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "logits", b"logits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "labels", b"labels", "logits", b"logits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "logits", b"logits", "need_grad", b"need_grad", "request_id", b"request_id", "session", b"session", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "labels", b"labels", "logits", b"logits", "need_grad", b"need_grad", "rank", b"rank", "request_id", b"request_id", "session", b"session", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
 
 Global___LossRequest: _TypeAlias = LossRequest  # noqa: Y015
 
@@ -579,24 +607,36 @@ Global___LossResponse: _TypeAlias = LossResponse  # noqa: Y015
 
 @_typing.final
 class NextEpochRequest(_message.Message):
+    """A barrier: each rank's call is recorded once, and the epoch is finished
+    (S computed from every rank's statistics) when the last of world_size
+    ranks calls. Every call then returns the session as it was right after.
+    A call that waits past its deadline is DEADLINE_EXCEEDED, naming the
+    missing ranks; its arrival stays recorded.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     epoch: _builtins.int
-    """When present, the epoch the caller believes is current. A mismatch is
-    FAILED_PRECONDITION, so a repeated call cannot advance twice.
+    """The epoch to finish. Repeating a call for the epoch just finished, by the
+    same rank, returns the same answer without advancing again; any other
+    epoch is FAILED_PRECONDITION. Absent: the current epoch, which only
+    world_size 1 allows.
     """
+    rank: _builtins.int
     def __init__(
         self,
         *,
         session: _builtins.str = ...,
         epoch: _builtins.int | None = ...,
+        rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "rank", b"rank", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015

@@ -124,6 +124,7 @@ class LossServiceServicer:
 
     def NextEpoch(self, request, context):
         """OLS: S <- accumulator / max(counts, 1) by column, then reset the statistics.
+        Waits until every rank has called it for the epoch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
