@@ -34,7 +34,7 @@ def server() -> Iterator[EmbeddedServer]:
 
 @pytest.fixture()
 def client(server: EmbeddedServer) -> Iterator[lossd.Client]:
-    with lossd.Client(server.target) as connected:
+    with lossd.Client(server.target, barrier_timeout=30) as connected:
         yield connected
 
 

@@ -602,10 +602,12 @@ def test_default_target_is_localhost_50051(monkeypatch) -> None:
 def test_nothing_listening_raises_unavailable_error() -> None:
     target = f"127.0.0.1:{_free_port()}"
     with pytest.raises(lossd.UnavailableError) as raised:
-        lossd.OnlineLabelSmoothing(0.5, 4, target=target, timeout=2)
+        lossd.OnlineLabelSmoothing(0.5, 4, target=target, timeout=2, retry_deadline=0.3)
     assert isinstance(raised.value, lossd.LossdError)
+    # Retried for the deadline, then the error names the server and how long it tried.
+    assert target in raised.value.message and "after retrying for 0." in raised.value.message
     # Told no C, the module connects at its first forward: same error there.
-    criterion = lossd.CrossEntropyLoss(target=target, timeout=2)
+    criterion = lossd.CrossEntropyLoss(target=target, timeout=2, retry_deadline=0.3)
     try:
         with pytest.raises(lossd.UnavailableError):
             criterion(torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2]))
@@ -623,7 +625,7 @@ def doomed_server() -> Iterator[EmbeddedServer]:
 
 
 def test_server_gone_mid_training_raises_typed_errors(doomed_server) -> None:
-    with lossd.CrossEntropyLoss(n_classes=4, target=doomed_server.target, timeout=2) as criterion:
+    with lossd.CrossEntropyLoss(n_classes=4, target=doomed_server.target, timeout=2, retry_deadline=0.3) as criterion:
         logits, labels = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
         criterion(logits, labels).backward()  # the loss stream is open
         doomed_server.stop(0)

@@ -195,6 +195,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         wait = None if remaining is None else max(0.0, remaining - min(MAX_DEADLINE_MARGIN, 0.1 * remaining))
         # Never cancel the wrapper: that would cancel the future every rank shares.
         finished: asyncio.Future[SessionView] = asyncio.wrap_future(done)
+        # The outcome is read from ``done``; this keeps asyncio from logging it as never retrieved.
+        finished.add_done_callback(lambda future: future.cancelled() or future.exception())
         draining: asyncio.Future[bool] = asyncio.ensure_future(self._drain_started.wait())
         try:
             await asyncio.wait((finished, draining), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
