@@ -224,7 +224,7 @@ def test_waiting_ranks_are_released_when_the_session_goes_away(
             waiting.outcome()
         return
     client.load_state(session_name, state)
-    with pytest.raises(lossd.AbortedError, match="state of session .* was replaced"):
+    with pytest.raises(lossd.AbortedError, match=r"state of session .* was replaced"):
         waiting.outcome()
     assert client.get_session(session_name).ranks_finished == ()  # the barrier starts over
     client.delete_session(session_name)

@@ -163,7 +163,6 @@ def test_an_id_reused_for_another_request_is_refused(
 def test_a_failed_request_applied_nothing_so_its_id_may_be_sent_again(
     client: lossd.Client, stub: pb_grpc.LossServiceStub, session: str
 ) -> None:
-    logits, labels = batch(0)
     bad = request(session, "fix-me", labels=_codec.encode(torch.full((N,), C)))  # labels out of range
     with pytest.raises(grpc.RpcError) as raised:
         stub.ComputeLoss(bad)
