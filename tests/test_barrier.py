@@ -260,3 +260,38 @@ def test_stopping_the_server_releases_waiting_ranks_as_unavailable() -> None:
                 waiting.outcome()
     finally:
         server.stop()
+
+
+def test_an_untagged_request_racing_next_epoch_is_counted_in_the_new_epoch(
+    server: EmbeddedServer, client: lossd.Client, session_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The math runs outside the session lock; if the epoch ends meanwhile, the statistics
+    must not mix epochs: the request is computed again against the new soft labels."""
+    from lossd_server.session import Session
+
+    client.create_session(session_name, ols_spec(1))
+    warmup_logits, warmup_labels = batch(7)
+    client.compute_loss(session_name, warmup_logits, warmup_labels)  # gives epoch 1 a non-initial S
+    original = Session._forward
+    raced = []
+
+    def forward(self: Session, *args: Any) -> Any:
+        if not raced:
+            raced.append(True)
+            ender = threading.Thread(target=self.arrive, args=(0, None))  # next_epoch, between the two locks
+            ender.start()
+            ender.join()
+        return original(self, *args)
+
+    monkeypatch.setattr(Session, "_forward", forward)
+    logits, labels = batch(8)
+    result = client.compute_loss(session_name, logits, labels)
+    monkeypatch.undo()
+    assert raced and result.epoch == 1
+    info = client.get_session(session_name)
+    assert info.epoch == 1 and info.samples_this_epoch == N
+    # The loss is the one under epoch 1's soft labels, which differ from epoch 0's.
+    evaluated = client.compute_loss(session_name, logits, labels, training=False)
+    assert torch.equal(result.loss, evaluated.loss)
+    initial = LF.initial_soft_labels(C, EPS, "label_smoothing", "off_target")
+    assert not torch.equal(client.get_state(session_name).supervise, initial.T)

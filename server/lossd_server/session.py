@@ -81,6 +81,9 @@ class Session:
         self._ranks_finished: set[int] = set()
         self._epoch_done: Future[SessionView] = Future()
         self._last_finished: _Finished | None = None
+        # Bumped whenever the soft labels or the epoch change, so a computation started
+        # outside the lock can tell whether it still applies.
+        self._generation = 0
         self._weight = (
             torch.tensor(spec.weight, dtype=torch.float64, device=device) if spec.weight is not None else None
         )
@@ -157,22 +160,28 @@ class Session:
     ) -> Result:
         """Loss and gradient; in training mode, also this epoch's statistics, atomically.
 
-        ``epoch``, when given, must be the session's epoch.
+        ``epoch``, when given, must be the session's epoch. The math runs outside the
+        lock, on the (epoch, soft labels) pair current when it starts, so ranks sharing
+        a session compute in parallel; only adding the statistics is serialised.
         """
         self.check_rank(rank)
         logits, labels = batch.logits.to(self.device), batch.labels.to(self.device)
-        if not training:
-            # Eval takes a consistent (epoch, soft labels) pair and computes outside the lock:
-            # next_epoch and restore replace the soft-label tensor, they never write into it.
-            with self._lock:
-                self._check_epoch(epoch, rank, training=False)
-                current, soft_labels = self.epoch, self._soft_labels_or_none()
-            return Result(self._forward(logits, labels, need_grad, soft_labels), current)
         with self._lock:
-            self._check_epoch(epoch, rank, training=True)
-            output = self._forward(logits, labels, need_grad, self._soft_labels_or_none())
-            if self._ols:
-                rows, probs = F.correct_rows(output, labels)
+            self._check_epoch(epoch, rank, training)
+            generation, current, soft_labels = self._generation, self.epoch, self._soft_labels_or_none()
+        # next_epoch and restore replace the soft-label tensor, they never write into it.
+        output = self._forward(logits, labels, need_grad, soft_labels)
+        if not training:
+            return Result(output, current)
+        rows, probs = F.correct_rows(output, labels) if self._ols else (None, None)
+        with self._lock:
+            self._check_epoch(epoch, rank, training)
+            if generation != self._generation:
+                # The epoch ended or the state was replaced meanwhile (an untagged request):
+                # compute again against the state the statistics will be added to.
+                output = self._forward(logits, labels, need_grad, self._soft_labels_or_none())
+                rows, probs = F.correct_rows(output, labels) if self._ols else (None, None)
+            if rows is not None and probs is not None:
                 self._accumulator.index_add_(0, rows, probs)
                 self._counts.index_add_(0, rows, torch.ones_like(rows))
             self.samples_this_epoch += output.n_used
@@ -247,6 +256,7 @@ class Session:
             self._accumulator.zero_()
             self._counts.zero_()
         self.epoch += 1
+        self._generation += 1
         self.samples_this_epoch = 0
         self.correct_this_epoch = 0
         self.updated_at = time.time()
@@ -273,6 +283,7 @@ class Session:
                 )
             )
             self._last_finished = None
+            self._generation += 1
             if self._ols:
                 self._soft_labels = state.soft_labels.to(self.device, torch.float32, copy=True)
                 self._accumulator = state.accumulator.to(self.device, torch.float64, copy=True)
