@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+from lossd_server.embedded import EmbeddedServer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -25,3 +29,38 @@ def test_one_import_example_trains_and_learns_soft_labels() -> None:
     # A learnt column averages softmax rows, so it sums to 1 up to the printing: 10 values at 3 decimals.
     assert abs(sum(soft_label) - 1.0) <= 10 * 0.0005 + 1e-9
     assert soft_label[0] != 0.9  # it moved from its label-smoothing init
+
+
+def test_torchrun_example_gives_every_rank_the_same_soft_labels(server: EmbeddedServer) -> None:
+    with socket.socket() as probe:  # a free port for torch.distributed's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            str(EXAMPLES / "torchrun_ols.py"),
+            "--target",
+            server.target,
+            "--session",
+            f"torchrun-{uuid.uuid4().hex[:8]}",
+            "--epochs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 4, result.stdout
+    by_epoch = {epoch: {line.split(": ")[1] for line in lines if f"epoch {epoch}:" in line} for epoch in (0, 1)}
+    # Both ranks print the same S after each epoch: one matrix, learnt from both shards.
+    assert all(len(values) == 1 for values in by_epoch.values()), lines
