@@ -7,11 +7,14 @@ import pickle
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lossd
+from lossd._stream import LossStream
+from lossd.v1 import loss_service_pb2 as pb
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
 from tests.conftest import ComputeGate
@@ -139,3 +142,37 @@ def test_modules_survive_deepcopy_and_pickle(server: EmbeddedServer, session_nam
 def test_probability_targets_are_refused_with_a_clear_error(server: EmbeddedServer) -> None:
     with lossd.CrossEntropyLoss(target=server.target) as criterion, pytest.raises(TypeError, match="class-index"):
         criterion(torch.randn(2, 3), torch.softmax(torch.randn(2, 3), dim=1))
+
+
+class _EndedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A stream call that the server ended, while idle, with PERMISSION_DENIED."""
+
+    def __iter__(self) -> _EndedCall:
+        return self
+
+    def __next__(self) -> object:
+        raise self
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.PERMISSION_DENIED
+
+    def details(self) -> str:
+        return "token revoked"
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _EndedStub:
+    def LossStream(self, requests: object) -> _EndedCall:
+        return _EndedCall()
+
+
+def test_a_stream_that_ended_while_idle_reports_the_servers_error_not_a_generic_one() -> None:
+    stream = LossStream(_EndedStub(), timeout=5)  # type: ignore[arg-type]
+    _wait_for_readers(0)
+    with pytest.raises(lossd.PermissionDeniedError, match="token revoked"):
+        stream.call(pb.LossRequest(request_id="r1"))

@@ -63,7 +63,7 @@ class LossStream:
     def call(self, request: pb.LossRequest) -> pb.LossResponse:
         with self._lock:
             if not self.usable:
-                raise UnavailableError("the loss stream is closed")
+                raise self._why_closed()
             try:
                 self._requests.put(request)
                 item = self._responses.get(timeout=self._timeout)
@@ -82,6 +82,16 @@ class LossStream:
         if item.HasField("error"):
             raise from_status(status_code(item.error.code), item.error.message)
         return item
+
+    def _why_closed(self) -> LossdError:
+        """The error the reader saw when the call ended, rather than a generic one that hides it."""
+        try:
+            item = self._responses.get_nowait()
+        except queue.Empty:
+            return UnavailableError("the loss stream is closed")
+        if isinstance(item, LossdError):
+            return item
+        return UnavailableError("the loss stream is closed")
 
     def close(self) -> None:
         """Cancel the call; the reader thread ends with it."""

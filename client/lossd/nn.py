@@ -13,7 +13,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -197,7 +197,7 @@ class RemoteLoss(nn.Module):
         """Close the channel (if this module opened it) and delete a private session."""
         self._finalizer()
 
-    def __enter__(self) -> RemoteLoss:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
