@@ -202,5 +202,5 @@ def test_the_memory_is_bounded_per_rank() -> None:
             stub.ComputeLoss(request("bounded", "id-4", seed=4))  # id-0 drops out of the 4 remembered
             stub.ComputeLoss(request("bounded", "id-0", seed=0))  # so this is a new request
             assert counted(client, "bounded")[0] == 6 * N
-            log = running._running.servicer._store.get("bounded").replay._ranks[0]  # type: ignore[union-attr]
+            log = running._running.servicer._store.get("", "bounded").replay._ranks[0]  # type: ignore[union-attr]
             assert len(log.entries) == 4 and sum(entry.response is not None for entry in log.entries.values()) == 2

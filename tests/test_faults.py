@@ -91,10 +91,10 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> ServerSpy:
     compute = session_module.Session.compute
     arrive = session_module.Session.arrive
 
-    def spied_compute_loss(self: LossServicer, request: pb.LossRequest) -> pb.LossResponse:
+    def spied_compute_loss(self: LossServicer, owner: str, request: pb.LossRequest) -> pb.LossResponse:
         with recorded.lock:
             recorded.loss_requests.setdefault(request.session, []).append(request.request_id)
-        return compute_loss(self, request)
+        return compute_loss(self, owner, request)
 
     def spied_compute(self: session_module.Session, *args: Any, **kwargs: Any) -> Any:
         result = compute(self, *args, **kwargs)

@@ -177,5 +177,5 @@ def test_work_arriving_while_draining_is_refused_and_not_applied(compute_gate: C
     busy.close()
     late.close()
     assert finished["busy"].n_correct == 1  # the call in flight finished
-    session = running.servicer._store.get("drain")
+    session = running.servicer._store.get("", "drain")
     assert session.samples_this_epoch == 1  # the refused call was never applied

@@ -77,16 +77,17 @@ async def start(settings: Settings) -> Running:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    host = settings.bind_host
+    port = server.add_insecure_port(f"{host}:{settings.port}")
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        raise OSError(f"could not bind {host}:{settings.port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "lossd %s serving on %s:%d (device=%s, torch=%s, workers=%d)",
         __version__,
-        settings.host,
+        host,
         port,
         device,
         torch.__version__,

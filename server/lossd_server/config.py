@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -14,7 +16,10 @@ GiB = 1 << 30
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOSSD_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="Address to bind. Use 0.0.0.0 to accept remote trainers.")
+    host: str | None = Field(
+        None,
+        description="Address to bind. Default: 0.0.0.0 when a token file is set, else 127.0.0.1 (loopback only).",
+    )
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:K.")
     max_message_bytes: int = Field(
@@ -33,8 +38,47 @@ class Settings(BaseSettings):
     workers: int = Field(8, ge=1, description="Threads that run the loss math.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     grace_seconds: float = Field(5.0, ge=0, le=60, description="How long SIGTERM waits for calls in flight.")
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite", description="sqlite keeps sessions in --state-dir across restarts; memory loses them."
+    )
+    state_dir: Path | None = Field(
+        None, description="Directory of the SQLite store. Default: $XDG_STATE_HOME/lossd or ~/.local/state/lossd."
+    )
+    snapshot_seconds: float = Field(
+        5.0, gt=0, le=3600, description="How often each changed accumulator is snapshotted (the most kill -9 loses)."
+    )
+    history_bytes: int = Field(
+        64 * MiB, ge=0, description="Finished-epoch soft-label matrices kept per session; the newest is always kept."
+    )
+    idle_ttl_seconds: float = Field(
+        1800.0, ge=0, description="An idle session moves from memory to the store after this long; 0 never."
+    )
+    token_file: Path | None = Field(
+        None, description="Bearer tokens, one per line as 'TOKEN' or 'NAME TOKEN'; each token is a tenant."
+    )
+    tls_cert: Path | None = Field(None, description="PEM server certificate; with --tls-key, serves TLS only.")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; clients must present a certificate it signed.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port; unset disables."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="json writes one object per line.")
     tune_malloc: bool = Field(True, description="Raise glibc's mmap/trim thresholds for megabyte tensors.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def bind_host(self) -> str:
+        """Without tokens anyone who can reach the port may use it, so default to loopback."""
+        if self.host is not None:
+            return self.host
+        return "0.0.0.0" if self.token_file is not None else "127.0.0.1"
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "lossd"
 
     @field_validator("device")
     @classmethod

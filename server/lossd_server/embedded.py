@@ -31,7 +31,8 @@ class EmbeddedServer:
     def target(self) -> str:
         if self._running is None:
             raise RuntimeError("the server is not running")
-        return f"{self.settings.host}:{self._running.port}"
+        host = self.settings.bind_host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self._running.port}"
 
     def start(self) -> EmbeddedServer:
         self._thread.start()

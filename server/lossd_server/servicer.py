@@ -19,6 +19,7 @@ from lossd import _codec
 from lossd._exceptions import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd_server.auth import Identify, anonymous
 from lossd_server.batch import decode_batch
 from lossd_server.errors import status_of
 from lossd_server.session import Session, SessionView, StateSnapshot
@@ -60,9 +61,10 @@ def _fingerprint(request: pb.LossRequest) -> Hashable:
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
-    def __init__(self, store: SessionStore, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, store: SessionStore, executor: ThreadPoolExecutor, identify: Identify = anonymous) -> None:
         self._store = store
         self._executor = executor
+        self._identify = identify
         # Touched only on the event loop, so no lock is needed.
         self._draining = False
         self._drain_started = asyncio.Event()
@@ -99,39 +101,41 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # Session management -------------------------------------------------
 
-    def _create(self, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
-        session, created = self._store.create(request.name, canonical_spec(request.spec))
+    def _create(self, owner: str, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
+        session, created = self._store.create(owner, request.name, canonical_spec(request.spec))
         return pb.CreateSessionResponse(session=session_message(session.view()), created=created)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: aio.ServicerContext
     ) -> pb.CreateSessionResponse:
-        return await self._run(self._create, request)
+        return await self._run(self._create, self._identify(context), request)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.Session:
-        return await self._run(lambda: session_message(self._store.get(request.name).view()))
+        owner = self._identify(context)
+        return await self._run(lambda: session_message(self._store.get(owner, request.name).view()))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionsResponse:
+        owner = self._identify(context)
         return await self._run(
-            lambda: pb.ListSessionsResponse(sessions=[session_message(s.view()) for s in self._store.list()])
+            lambda: pb.ListSessionsResponse(sessions=[session_message(s.view()) for s in self._store.list(owner)])
         )
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: aio.ServicerContext
     ) -> pb.DeleteSessionResponse:
-        await self._run(self._delete, request.name)
+        await self._run(self._delete, self._identify(context), request.name)
         return pb.DeleteSessionResponse()
 
-    def _delete(self, name: str) -> None:
-        session = self._store.delete(name)
+    def _delete(self, owner: str, name: str) -> None:
+        session = self._store.delete(owner, name)
         session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
 
     # Losses ---------------------------------------------------------------
 
-    def _compute(self, request: pb.LossRequest) -> pb.LossResponse:
-        session = self._store.get(request.session)
+    def _compute(self, owner: str, request: pb.LossRequest) -> pb.LossResponse:
+        session = self._store.get(owner, request.session)
         session.check_rank(request.rank)
         if not (request.training and request.request_id):
             return self._respond(session, request)  # eval changes no state, so a resend may recompute
@@ -162,14 +166,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return response
 
     async def ComputeLoss(self, request: pb.LossRequest, context: aio.ServicerContext) -> pb.LossResponse:
-        return await self._run(self._compute, request)
+        return await self._run(self._compute, self._identify(context), request)
 
     async def LossStream(
         self, request_iterator: AsyncIterator[pb.LossRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.LossResponse]:
+        owner = self._identify(context)  # once: the stream's credentials do not change
         async for request in request_iterator:
             try:
-                response = await self._run(self._compute, request)
+                response = await self._run(self._compute, owner, request)
             except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
                 response = pb.LossResponse(
@@ -179,12 +184,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # Epochs and state ---------------------------------------------------------
 
-    def _arrive(self, request: pb.NextEpochRequest) -> tuple[Session, Future[SessionView]]:
-        session = self._store.get(request.session)
+    def _arrive(self, owner: str, request: pb.NextEpochRequest) -> tuple[Session, Future[SessionView]]:
+        session = self._store.get(owner, request.session)
         return session, session.arrive(request.rank, request.epoch if request.HasField("epoch") else None)
 
     async def NextEpoch(self, request: pb.NextEpochRequest, context: aio.ServicerContext) -> pb.Session:
-        session, done = await self._run(self._arrive, request)
+        session, done = await self._run(self._arrive, self._identify(context), request)
         if not done.done():
             await self._wait_for_ranks(session, request, done, context.time_remaining())
         return session_message(done.result())
@@ -218,8 +223,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
             f"world_size={session.world_size} have); this rank's call stays recorded"
         )
 
-    def _get_state(self, request: pb.GetStateRequest) -> pb.SessionState:
-        state = self._store.get(request.session).snapshot()
+    def _get_state(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
+        state = self._store.get(owner, request.session).snapshot()
         return pb.SessionState(
             epoch=state.epoch,
             # The wire carries the reference layout: column k is the soft label of class k.
@@ -230,10 +235,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         )
 
     async def GetState(self, request: pb.GetStateRequest, context: aio.ServicerContext) -> pb.SessionState:
-        return await self._run(self._get_state, request)
+        return await self._run(self._get_state, self._identify(context), request)
 
-    def _load_state(self, request: pb.LoadStateRequest) -> pb.Session:
-        session = self._store.get(request.session)
+    def _load_state(self, owner: str, request: pb.LoadStateRequest) -> pb.Session:
+        session = self._store.get(owner, request.session)
         message = request.state
         tensors: dict[str, torch.Tensor] = {}
         for field in ("supervise", "accumulator", "counts"):
@@ -256,4 +261,4 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return session_message(session.view())
 
     async def LoadState(self, request: pb.LoadStateRequest, context: aio.ServicerContext) -> pb.Session:
-        return await self._run(self._load_state, request)
+        return await self._run(self._load_state, self._identify(context), request)

@@ -34,15 +34,20 @@ def _spec_diff(existing: SessionSpec, requested: SessionSpec) -> str:
 
 
 class SessionStore(Protocol):
-    def create(self, name: str, spec: SessionSpec) -> tuple[Session, bool]:
+    """Sessions keyed by (owner, name): an owner never sees another's sessions."""
+
+    def create(self, owner: str, name: str, spec: SessionSpec) -> tuple[Session, bool]:
         """Get-or-create: (session, created). Another spec under the name is AlreadyExistsError."""
 
-    def get(self, name: str) -> Session: ...
+    def get(self, owner: str, name: str) -> Session: ...
 
-    def list(self) -> list[Session]: ...
+    def list(self, owner: str) -> list[Session]: ...
 
-    def delete(self, name: str) -> Session:
+    def delete(self, owner: str, name: str) -> Session:
         """Remove and return the session."""
+
+    def close(self) -> None:
+        """Persist what is held in memory and release the store."""
 
 
 class MemoryStore:
@@ -58,16 +63,16 @@ class MemoryStore:
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self._matrix_memory_bytes = matrix_memory_bytes
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()
 
     def _used_bytes(self) -> int:
         return sum(session.state_bytes for session in self._sessions.values())
 
-    def create(self, name: str, spec: SessionSpec) -> tuple[Session, bool]:
+    def create(self, owner: str, name: str, spec: SessionSpec) -> tuple[Session, bool]:
         check_name(name)
         with self._lock:
-            existing = self._sessions.get(name)
+            existing = self._sessions.get((owner, name))
             if existing is not None:
                 if existing.spec != spec:
                     raise AlreadyExistsError(
@@ -85,23 +90,27 @@ class MemoryStore:
                     f"{used} of matrix_memory_bytes={self._matrix_memory_bytes} are in use"
                 )
             session = Session(name, spec, self._device, self._replay)
-            self._sessions[name] = session
+            self._sessions[owner, name] = session
             return session, True
 
-    def get(self, name: str) -> Session:
+    def get(self, owner: str, name: str) -> Session:
         with self._lock:
-            session = self._sessions.get(name)
+            session = self._sessions.get((owner, name))
         if session is None:
             raise NotFoundError(f"session {name!r} not found")
         return session
 
-    def list(self) -> list[Session]:
+    def list(self, owner: str) -> list[Session]:
         with self._lock:
-            return sorted(self._sessions.values(), key=lambda session: session.name)
+            mine = [session for (session_owner, _), session in self._sessions.items() if session_owner == owner]
+        return sorted(mine, key=lambda session: session.name)
 
-    def delete(self, name: str) -> Session:
+    def delete(self, owner: str, name: str) -> Session:
         with self._lock:
-            session = self._sessions.pop(name, None)
+            session = self._sessions.pop((owner, name), None)
         if session is None:
             raise NotFoundError(f"session {name!r} not found")
         return session
+
+    def close(self) -> None:
+        """Nothing to persist: memory sessions end with the server."""
