@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -90,12 +91,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     server = subprocess.Popen(
-        [sys.executable, "-m", "lossd_server", "serve", "--port", "0", "--torch-threads", "1"],
+        # The default durable store, in a directory of its own so runs never share sessions.
+        [
+            *(sys.executable, "-m", "lossd_server", "serve", "--port", "0", "--torch-threads", "1"),
+            *("--state-dir", tempfile.mkdtemp(prefix="lossd-bench-")),
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
     assert server.stderr is not None
-    match = re.search(r"serving on (\S+) ", server.stderr.readline())
+    match = None
+    for _ in range(20):  # the store logs what it loaded before the server says where it serves
+        match = re.search(r"serving on (\S+) ", server.stderr.readline())
+        if match:
+            break
     assert match, "the server did not start"
     target = match.group(1)
     results: dict[int, list[tuple[float, float]]] = {w: [] for w in args.workers}

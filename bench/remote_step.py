@@ -14,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -58,12 +59,18 @@ def main() -> None:
             "1",
             "--matrix-memory-bytes",
             str(16 << 30),
+            "--state-dir",
+            tempfile.mkdtemp(prefix="lossd-bench-"),
         ],
         stderr=subprocess.PIPE,
         text=True,
     )
     assert server.stderr is not None
-    match = re.search(r"serving on (\S+) ", server.stderr.readline())
+    match = None
+    for _ in range(20):  # the store logs what it loaded before the server says where it serves
+        match = re.search(r"serving on (\S+) ", server.stderr.readline())
+        if match:
+            break
     assert match, "the server did not start"
     target = match.group(1)
     print(f"{'shape':>12} {'dtype':>9} {'torch LS':>9} {'lossd LS':>9} {'lossd OLS':>10}  (ms, {device})")

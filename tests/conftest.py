@@ -24,10 +24,23 @@ torch.set_num_threads(1)
 # LOSSD_TEST_DEVICE=cuda runs the whole suite against a server computing on the GPU.
 TEST_DEVICE = os.environ.get("LOSSD_TEST_DEVICE", "cpu")
 
+# Servers a test starts without choosing a store keep their sessions in memory, so no
+# test writes to the real state directory (~/.local/state/lossd) or sees another's sessions.
+os.environ["LOSSD_STORE"] = "memory"
+
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[EmbeddedServer]:
-    settings = Settings(host="127.0.0.1", port=0, device=TEST_DEVICE, workers=4, grace_seconds=1)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """The shared server runs the default durable store, so every test also exercises it."""
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        device=TEST_DEVICE,
+        workers=4,
+        grace_seconds=1,
+        store="sqlite",
+        state_dir=tmp_path_factory.mktemp("state"),
+    )
     with EmbeddedServer(settings) as running:
         yield running
 

@@ -35,9 +35,13 @@ def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
         text=True,
     )
     assert process.stderr is not None
-    line = process.stderr.readline()
-    match = re.search(r"serving on (127\.0\.0\.1:\d+) \(device=cpu", line)
-    assert match, f"unexpected start-up line: {line!r}"
+    lines = []
+    for _ in range(20):  # the store logs what it loaded before the server says where it serves
+        lines.append(process.stderr.readline())
+        match = re.search(r"serving on (127\.0\.0\.1:\d+) \(device=cpu", lines[-1])
+        if match or not lines[-1]:
+            break
+    assert match, f"unexpected start-up lines: {lines!r}"
     try:
         yield process, match.group(1)
     finally:

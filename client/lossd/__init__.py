@@ -8,7 +8,7 @@ Change one import::
 
 from lossd import functional
 from lossd._client import Client
-from lossd._config import ClientConfig
+from lossd._config import ClientConfig, TLSConfig
 from lossd._exceptions import (
     AbortedError,
     AlreadyExistsError,
@@ -53,6 +53,7 @@ __all__ = [
     "SessionInfo",
     "SessionSpec",
     "SessionState",
+    "TLSConfig",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -14,7 +14,8 @@ import grpc
 import torch
 
 from lossd import _codec
-from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig
+from lossd._auth import BearerToken
+from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig, TLSConfig
 from lossd._exceptions import NotFoundError, UnavailableError, from_rpc_error
 from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
@@ -64,6 +65,12 @@ class Client:
     the other ranks. A call that fails with UNAVAILABLE (the server restarts, the
     connection drops) is retried with backoff for up to ``retry_deadline`` seconds,
     loss requests under their original id, so none is lost or counted twice.
+
+    ``token`` (else ``LOSSD_TOKEN``) is sent as ``authorization: Bearer`` on every
+    call, for a server started with ``--token-file``; ``token=""`` sends none.
+    ``tls``: a :class:`lossd.TLSConfig`, ``True`` (TLS with the system's CAs and
+    any ``LOSSD_TLS_*`` variables), ``False`` (plaintext), or None: TLS exactly
+    when a ``LOSSD_TLS_*`` variable is set. Arguments win over the environment.
     """
 
     def __init__(
@@ -74,6 +81,8 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_deadline: float = RetryPolicy.deadline,
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
+        token: str | None = None,
+        tls: TLSConfig | bool | None = None,
     ) -> None:
         self.config = ClientConfig.resolve(
             target,
@@ -81,9 +90,18 @@ class Client:
             max_message_bytes=max_message_bytes,
             retry_deadline=retry_deadline,
             barrier_timeout=barrier_timeout,
+            token=token,
+            tls=tls,
         )
-        channel = grpc.insecure_channel(self.config.target, options=self.config.channel_options())
-        self._stub = pb_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
+        options = self.config.channel_options()
+        if self.config.tls is None:
+            channel = grpc.insecure_channel(self.config.target, options=options)
+        else:
+            channel = grpc.secure_channel(self.config.target, self.config.tls.credentials(), options=options)
+        # Through the channel, so every call carries the token: streams, reopened streams and retries alike.
+        token = self.config.token
+        calls = channel if token is None else grpc.intercept_channel(channel, BearerToken(token))
+        self._stub = pb_grpc.LossServiceStub(calls)  # type: ignore[no-untyped-call]
         self._connection = _Connection(channel)
         # Closes the channel and the stream even when a client is dropped without close().
         self._finalizer = weakref.finalize(self, self._connection.close)

@@ -23,6 +23,10 @@ class SessionInfo:
     state_bytes: int
     # Ranks that have called next_epoch for the current epoch.
     ranks_finished: tuple[int, ...] = ()
+    # Current-epoch samples a server crash lost (seen after the last snapshot); 0 normally.
+    samples_lost: int = 0
+    # When the current epoch's statistics were last made durable (Unix seconds; 0: never or memory store).
+    snapshot_at: float = 0.0
 
     @classmethod
     def from_proto(cls, message: pb.Session) -> SessionInfo:
@@ -36,6 +40,8 @@ class SessionInfo:
             updated_at=message.updated_at,
             state_bytes=message.state_bytes,
             ranks_finished=tuple(message.ranks_finished),
+            samples_lost=message.samples_lost,
+            snapshot_at=message.snapshot_at,
         )
 
 

@@ -8,6 +8,7 @@ GradScaler, ``reduction='none'`` and models on any device work as with a local l
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import uuid
 import weakref
@@ -20,7 +21,7 @@ from torch import nn
 
 from lossd import _codec
 from lossd._client import Client
-from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_TIMEOUT
+from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_TIMEOUT, TLSConfig
 from lossd._distributed import barrier_if_initialised, resolve_ranks
 from lossd._exceptions import NotFoundError
 from lossd._retry import RetryPolicy
@@ -87,7 +88,7 @@ class RemoteLoss(nn.Module):
     ``session=None`` creates a private session that is deleted on :meth:`close`;
     a named session outlives the module, and a module created with the name of an
     existing session (same spec) joins it as it stands. The connection options
-    (``timeout``, ``retry_deadline``, ``barrier_timeout``) are those of :class:`lossd.Client`.
+    (``timeout``, ``retry_deadline``, ``barrier_timeout``, ``token``, ``tls``) are those of :class:`lossd.Client`.
     """
 
     # Whether requests carry the module's epoch, so the server refuses them once the epoch is over.
@@ -103,6 +104,8 @@ class RemoteLoss(nn.Module):
         timeout: float | None = DEFAULT_TIMEOUT,
         retry_deadline: float = RetryPolicy.deadline,
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
+        token: str | None = None,
+        tls: TLSConfig | bool | None = None,
         rank: int = 0,
     ) -> None:
         super().__init__()
@@ -111,7 +114,14 @@ class RemoteLoss(nn.Module):
         self._private = session is None
         self.session = session or _private_name()
         if client is None:
-            client = Client(target, timeout=timeout, retry_deadline=retry_deadline, barrier_timeout=barrier_timeout)
+            client = Client(
+                target,
+                timeout=timeout,
+                retry_deadline=retry_deadline,
+                barrier_timeout=barrier_timeout,
+                token=token,
+                tls=tls,
+            )
             self._connect(client, owns_client=True)
         else:
             self._connect(client, owns_client=False)
@@ -129,23 +139,42 @@ class RemoteLoss(nn.Module):
     # A module holds a live channel, which cannot be copied: a copy (copy.deepcopy,
     # torch.save of a model holding the loss) reconnects to the same target, joins a
     # named session at its first forward, and gets a fresh session of its own if private.
+    # The token is never pickled, so a checkpoint holds no secret: an unpickled module takes
+    # LOSSD_TOKEN; an in-process copy.deepcopy keeps the token.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
         config = self.client.config
         state.update(
             client=None,
             _finalizer=None,
-            _reconnect=(config.target, config.timeout, config.retry.deadline, config.barrier_timeout),
+            _reconnect=(config.target, config.timeout, config.retry.deadline, config.barrier_timeout, config.tls),
         )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        target, timeout, retry_deadline, barrier_timeout = state.pop("_reconnect")
+        # Modules pickled before TLS support carry four settings.
+        target, timeout, retry_deadline, barrier_timeout, *tls = state.pop("_reconnect")
+        token = state.pop("_token", None)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         if self._private:
             self.session = _private_name()
-        client = Client(target, timeout=timeout, retry_deadline=retry_deadline, barrier_timeout=barrier_timeout)
+        client = Client(
+            target,
+            timeout=timeout,
+            retry_deadline=retry_deadline,
+            barrier_timeout=barrier_timeout,
+            token=token,
+            tls=(tls[0] or False) if tls else None,  # the original's TLS settings, plaintext included
+        )
         self._connect(client, owns_client=True)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = copy.deepcopy(self.__getstate__(), memo)
+        state["_token"] = self.client.config.token
+        clone.__setstate__(state)
+        return clone
 
     def _create_session(self, n_classes: int) -> None:
         """Get-or-create the session; torch-style modules that are not told C do it at the first forward."""
@@ -208,6 +237,11 @@ class RemoteLoss(nn.Module):
     def extra_repr(self) -> str:
         ranks = f", rank={self.rank}/{self.spec.world_size}" if self.spec.world_size > 1 else ""
         return f"session={self.session!r}, target={self.client.target!r}{ranks}"
+
+
+def _comparable(value: Any) -> Any:
+    # Spec values survive torch.save/load as lists where the dataclass has tuples.
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _weight_tuple(weight: torch.Tensor | None) -> tuple[float, ...] | None:
@@ -363,6 +397,25 @@ class OnlineLabelSmoothing(RemoteLoss):
     # The server holds the state, so the module's state_dict fetches it and
     # load_state_dict pushes it back. Keys follow the reference module
     # (supervise, update, idx_count), so its checkpoints load too.
+    def get_extra_state(self) -> dict[str, Any]:
+        """The spec travels with the state, so a checkpoint is never loaded into a session that means else."""
+        return {"format": 1, "spec": dataclasses.asdict(self.spec)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Checked in _load_from_state_dict, which handles the whole state at once."""
+
+    def _spec_mismatch(self, extra: Any) -> str | None:
+        if not isinstance(extra, dict) or not isinstance(extra.get("spec"), dict):
+            return "expected the dict that OnlineLabelSmoothing.get_extra_state() writes"
+        saved, mine = extra["spec"], dataclasses.asdict(self.spec)
+        # world_size may change between runs: a resumed job can have more or fewer workers.
+        differs = [
+            f"{key}={saved.get(key)!r} (this module: {mine[key]!r})"
+            for key in mine
+            if key != "world_size" and _comparable(saved.get(key)) != _comparable(mine[key])
+        ]
+        return "the checkpoint is of a session with " + ", ".join(differs) if differs else None
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         state = self.state()
@@ -386,6 +439,11 @@ class OnlineLabelSmoothing(RemoteLoss):
         missing = [prefix + key for key in keys if prefix + key not in state_dict]
         if missing:
             missing_keys.extend(missing)
+            return
+        extra = state_dict.get(prefix + "_extra_state")  # absent in the reference module's checkpoints
+        mismatch = None if extra is None else self._spec_mismatch(extra)
+        if mismatch is not None:
+            error_msgs.append(f"{prefix}_extra_state: {mismatch}")
             return
         counts = state_dict[prefix + "idx_count"]
         if counts.is_floating_point():  # the reference keeps float32 counts
@@ -411,7 +469,7 @@ class OnlineLabelSmoothing(RemoteLoss):
         if self.spec.world_size > 1:
             barrier_if_initialised()
         if strict:
-            known = {prefix + key for key in (*keys, "epoch", "samples_this_epoch")}
+            known = {prefix + key for key in (*keys, "epoch", "samples_this_epoch", "_extra_state")}
             unexpected_keys.extend(
                 k for k in state_dict if k.startswith(prefix) and k not in known and "." not in k[len(prefix) :]
             )

@@ -16,13 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import __version__
+from lossd_server.auth import identify_from, log_exposure, server_credentials
 from lossd_server.config import Settings
 from lossd_server.device import resolve_device
+from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
 from lossd_server.malloc import tune_malloc
-from lossd_server.replay import ReplayLimits
+from lossd_server.metrics import ServerMetrics
 from lossd_server.servicer import LossServicer
-from lossd_server.store import MemoryStore
+from lossd_server.store import SessionStore
 
 log = logging.getLogger("lossd_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -39,6 +41,13 @@ class Running:
     executor: ThreadPoolExecutor
     port: int
     device: torch.device
+    store: SessionStore | None = None
+    metrics: ServerMetrics | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on; None when metrics are off."""
+        return self.metrics.port if self.metrics is not None else None
 
     async def stop(self, grace: float) -> None:
         """Refuse new work, let the work in flight finish for up to ``grace`` seconds, then cancel the rest.
@@ -48,29 +57,39 @@ class Running:
         """
         await self.health.enter_graceful_shutdown()
         if not await self.servicer.drain(grace):
-            log.warning("calls still running after %.1f s; cancelling them", grace)
+            log.warning("calls still running after %.1f s; cancelling them", grace, extra={"grace_seconds": grace})
         # A short grace lets the last responses flush before the idle streams are cancelled.
         await self.server.stop(min(grace, FLUSH_SECONDS))
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()  # after the last call, so every statistic is in the final snapshot
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 async def start(settings: Settings) -> Running:
+    # A bad token file or TLS setting fails here, before anything is started.
+    identify = identify_from(settings)
+    credentials = server_credentials(settings)
     device = resolve_device(settings.device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="lossd-math")
     limit = settings.max_message_bytes
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = ServerMetrics(version=__version__, device=str(device), torch_version=torch.__version__)
     server = aio.server(
-        interceptors=[ErrorInterceptor()],
+        # Metrics first: it then wraps the others and counts the status the client sees, after errors became codes.
+        interceptors=[ErrorInterceptor()] if metrics is None else [metrics.interceptor(), ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
-    store = MemoryStore(
-        device=device,
-        max_sessions=settings.max_sessions,
-        matrix_memory_bytes=settings.matrix_memory_bytes,
-        replay=ReplayLimits(ids=settings.replay_ids, responses=settings.replay_responses),
+    store = open_store(settings, device)
+    servicer = LossServicer(
+        store, executor, identify, on_training_samples=metrics.add_samples if metrics is not None else None
     )
-    servicer = LossServicer(store, executor)
+    if metrics is not None:
+        metrics.watch(store.stats)
     pb_grpc.add_LossServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -78,9 +97,17 @@ async def start(settings: Settings) -> Running:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     host = settings.bind_host
-    port = server.add_insecure_port(f"{host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"could not bind {host}:{settings.port}")
+    address = f"{host}:{settings.port}"
+    # With TLS there is no plaintext port at all, so a plaintext client is refused.
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:
+        if port == 0:
+            raise OSError(f"could not bind {host}:{settings.port}")
+        if metrics is not None and settings.metrics_port is not None:
+            metrics.serve(host, settings.metrics_port)  # before server.start(), so a busy port starts nothing
+    except BaseException:
+        store.close()  # releases the state directory for the next attempt
+        raise
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -92,8 +119,19 @@ async def start(settings: Settings) -> Running:
         device,
         torch.__version__,
         settings.workers,
+        extra={
+            "address": f"{host}:{port}",
+            "version": __version__,
+            "device": str(device),
+            "torch": torch.__version__,
+            "workers": settings.workers,
+        },
     )
-    return Running(server, servicer, health_servicer, executor, port, device)
+    if metrics is not None:
+        url = f"http://{f'[{host}]' if ':' in host else host}:{metrics.port}/metrics"
+        log.info("metrics on %s", url, extra={"metrics_url": url})
+    log_exposure(settings, identify)
+    return Running(server, servicer, health_servicer, executor, port, device, store, metrics)
 
 
 async def serve(settings: Settings) -> None:
@@ -106,6 +144,11 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: draining calls in flight for up to %.1f s", settings.grace_seconds)
+    log.info(
+        "stopping: draining calls in flight for up to %.1f s",
+        settings.grace_seconds,
+        extra={"grace_seconds": settings.grace_seconds},
+    )
+    started = loop.time()
     await running.stop(settings.grace_seconds)
-    log.info("stopped")
+    log.info("stopped", extra={"stop_seconds": round(loop.time() - started, 3)})

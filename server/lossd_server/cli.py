@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from pydantic import ValidationError
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 from lossd_server import __version__
 from lossd_server.app import serve
 from lossd_server.config import Settings
+from lossd_server.logs import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as error:
             print(f"lossd serve: invalid settings:\n{error}", file=sys.stderr)
             return 2
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        configure_logging(settings.log_level, settings.log_format)
         try:
             asyncio.run(serve(settings))
         except (OSError, ValueError) as error:

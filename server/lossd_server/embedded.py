@@ -34,6 +34,13 @@ class EmbeddedServer:
         host = self.settings.bind_host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self._running.port}"
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on (on ``settings.bind_host``); None when metrics are off."""
+        if self._running is None:
+            raise RuntimeError("the server is not running")
+        return self._running.metrics_port
+
     def start(self) -> EmbeddedServer:
         self._thread.start()
         self._running = asyncio.run_coroutine_threadsafe(start(self.settings), self._loop).result()

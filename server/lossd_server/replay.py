@@ -8,6 +8,10 @@ the statistics are never counted twice and both callers see the same bytes.
 Memory is bounded per rank: the last ``ids`` ids are remembered, and the
 responses of the last ``responses`` of them are kept. A resend of a remembered
 id whose response was dropped fails instead of being applied again.
+
+Ids restored from a snapshot after a restart have no stored response: their
+statistics are already in the restored accumulator, so a resend is answered by
+recomputing without counting, which within the epoch gives the same response.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class _Entry(Generic[R]):
     response: R | None = None
     error: BaseException | None = None
     dropped: bool = False
+    restored: bool = False  # applied before a restart; answered by recomputing without counting
 
 
 @dataclass
@@ -59,14 +64,33 @@ class ReplayLog(Generic[R]):
         self._ranks: dict[int, _RankLog[R]] = {}
         self._lock = threading.Lock()
 
-    def run_once(self, rank: int, request_id: str, fingerprint: Hashable, compute: Callable[[], R]) -> R:
+    def restore_applied(self, rank: int, request_id: str, fingerprint: Hashable) -> None:
+        with self._lock:
+            log = self._ranks.setdefault(rank, _RankLog())
+            entry: _Entry[R] = _Entry(fingerprint, dropped=True, restored=True)
+            entry.done.set()
+            log.entries[request_id] = entry
+            while len(log.entries) > self._limits.ids:
+                log.entries.popitem(last=False)
+
+    def run_once(
+        self,
+        rank: int,
+        request_id: str,
+        fingerprint: Hashable,
+        compute: Callable[[], R],
+        recompute: Callable[[], R] | None = None,
+    ) -> R:
         """``compute()`` the first time this (rank, id) is seen, else its original outcome.
 
         A failed computation applied nothing, so it is forgotten and the id may be
-        sent again; the copies that waited for it share its error.
+        sent again; the copies that waited for it share its error. ``recompute()``
+        answers a resend of an id restored by :meth:`restore_applied`.
         """
         entry, first = self._claim(rank, request_id, fingerprint)
         if not first:
+            if entry.restored and recompute is not None:
+                return recompute()
             return self._outcome(entry, rank, request_id)
         try:
             response = compute()

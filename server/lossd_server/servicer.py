@@ -8,7 +8,8 @@ next_epoch barrier wait on the event loop, not on a worker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable
+import json
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -44,27 +45,41 @@ def session_message(view: SessionView) -> pb.Session:
         updated_at=view.updated_at,
         state_bytes=view.state_bytes,
         ranks_finished=view.ranks_finished,
+        samples_lost=view.samples_lost,
+        snapshot_at=view.snapshot_at,
     )
 
 
-def _fingerprint(request: pb.LossRequest) -> Hashable:
-    """What a resend must repeat; the tensor bytes are not hashed, to keep the hot path cheap."""
-    return (
-        request.need_grad,
-        request.epoch if request.HasField("epoch") else None,
-        request.logits.dtype,
-        tuple(request.logits.shape),
-        len(request.logits.data),
-        request.labels.dtype,
-        tuple(request.labels.shape),
+def _fingerprint(request: pb.LossRequest) -> str:
+    """What a resend must repeat, as a string a snapshot can keep; the tensor bytes are not hashed (hot path)."""
+    return json.dumps(
+        [
+            request.need_grad,
+            request.epoch if request.HasField("epoch") else None,
+            request.logits.dtype,
+            list(request.logits.shape),
+            len(request.logits.data),
+            request.labels.dtype,
+            list(request.labels.shape),
+        ],
+        separators=(",", ":"),
     )
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
-    def __init__(self, store: SessionStore, executor: ThreadPoolExecutor, identify: Identify = anonymous) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        executor: ThreadPoolExecutor,
+        identify: Identify = anonymous,
+        *,
+        on_training_samples: Callable[[int], None] | None = None,
+    ) -> None:
         self._store = store
         self._executor = executor
         self._identify = identify
+        # Told the samples of each applied training batch (the metrics); a replayed resend never gets here.
+        self._on_training_samples = on_training_samples or (lambda samples: None)
         # Touched only on the event loop, so no lock is needed.
         self._draining = False
         self._drain_started = asyncio.Event()
@@ -119,7 +134,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     ) -> pb.ListSessionsResponse:
         owner = self._identify(context)
         return await self._run(
-            lambda: pb.ListSessionsResponse(sessions=[session_message(s.view()) for s in self._store.list(owner)])
+            lambda: pb.ListSessionsResponse(sessions=[session_message(view) for view in self._store.list(owner)])
         )
 
     async def DeleteSession(
@@ -130,7 +145,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _delete(self, owner: str, name: str) -> None:
         session = self._store.delete(owner, name)
-        session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
+        if session is not None:
+            session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
 
     # Losses ---------------------------------------------------------------
 
@@ -138,21 +154,35 @@ class LossServicer(pb_grpc.LossServiceServicer):
         session = self._store.get(owner, request.session)
         session.check_rank(request.rank)
         if not (request.training and request.request_id):
-            return self._respond(session, request)  # eval changes no state, so a resend may recompute
+            return self._respond(owner, session, request)  # eval changes no state, so a resend may recompute
+        fingerprint = _fingerprint(request)
         return session.replay.run_once(  # type: ignore[return-value]
-            request.rank, request.request_id, _fingerprint(request), lambda: self._respond(session, request)
+            request.rank,
+            request.request_id,
+            fingerprint,
+            lambda: self._respond(owner, session, request, fingerprint),
+            recompute=lambda: self._respond(owner, session, request, count=False),
         )
 
-    def _respond(self, session: Session, request: pb.LossRequest) -> pb.LossResponse:
+    def _respond(
+        self, owner: str, session: Session, request: pb.LossRequest, fingerprint: str = "", *, count: bool = True
+    ) -> pb.LossResponse:
+        """``count=False`` answers a resend whose statistics were applied before a restart: same math, no counting."""
         batch = decode_batch(request, session.spec)
+        training = request.training and count
         result = session.compute(
             batch,
-            training=request.training,
+            training=training,
             need_grad=request.need_grad,
             rank=request.rank,
             epoch=request.epoch if request.HasField("epoch") else None,
+            request=(request.request_id, fingerprint) if training and request.request_id else None,
         )
+        if training:
+            self._store.record_progress(owner, session, result.epoch, result.samples_seen)
         output = result.output
+        if training:
+            self._on_training_samples(output.n_used)
         response = pb.LossResponse(
             request_id=request.request_id,
             loss=_codec.encode(output.loss),
@@ -258,6 +288,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 samples_this_epoch=message.samples_this_epoch,
             )
         )
+        self._store.persist(owner, session)  # acknowledged only once durable
         return session_message(session.view())
 
     async def LoadState(self, request: pb.LoadStateRequest, context: aio.ServicerContext) -> pb.Session:

@@ -8,8 +8,11 @@ next_epoch, and the last arrival publishes S from everyone's statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -20,6 +23,11 @@ from lossd._exceptions import AbortedError, FailedPreconditionError, InvalidArgu
 from lossd._spec import SessionSpec
 from lossd_server.batch import Batch
 from lossd_server.replay import ReplayLimits, ReplayLog
+from lossd_server.statedb import Statistics, StoredSession
+
+# Called under the session lock when an epoch finishes, before the new state is
+# published: (session, new epoch, new S or None). If it raises, nothing changes.
+EpochHook = Callable[["Session", int, "torch.Tensor | None"], None]
 
 
 def state_bytes(spec: SessionSpec) -> int:
@@ -43,6 +51,7 @@ class StateSnapshot:
 class Result:
     output: F.LossOutput
     epoch: int
+    samples_seen: int = 0  # in this epoch, after this batch, counting samples a crash lost
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class SessionView:
     updated_at: float
     state_bytes: int
     ranks_finished: tuple[int, ...]
+    samples_lost: int = 0
+    snapshot_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,8 +86,17 @@ class Session:
         self.epoch = 0
         self.samples_this_epoch = 0
         self.correct_this_epoch = 0
-        self.replay: ReplayLog[object] = ReplayLog(replay or ReplayLimits())
+        self._replay_limits = replay or ReplayLimits()
+        self.replay: ReplayLog[object] = ReplayLog(self._replay_limits)
         self._lock = threading.Lock()
+        # Durability: training ids whose statistics are in the accumulator (so a snapshot
+        # carries them), a counter of changes since the last snapshot, and what a crash lost.
+        self._applied: dict[int, OrderedDict[str, str]] = {}
+        self.changes = 0
+        self.samples_lost = 0
+        self.snapshot_at = 0.0
+        self.on_epoch: EpochHook | None = None
+        self._retired: LossdError | None = None
         # The barrier of the current epoch: who has called next_epoch, and what they wait on.
         self._ranks_finished: set[int] = set()
         self._epoch_done: Future[SessionView] = Future()
@@ -118,6 +138,8 @@ class Session:
             updated_at=self.updated_at,
             state_bytes=self.state_bytes,
             ranks_finished=tuple(sorted(self._ranks_finished)),
+            samples_lost=self.samples_lost,
+            snapshot_at=self.snapshot_at,
         )
 
     def view(self) -> SessionView:
@@ -126,6 +148,7 @@ class Session:
 
     def _check_epoch(self, epoch: int | None, rank: int, training: bool) -> None:
         """Called under the lock: a request must be for the current epoch, from a rank still in it."""
+        self._check_live()
         if epoch is not None and epoch != self.epoch:
             raise FailedPreconditionError(
                 f"session {self.name!r} is at epoch {self.epoch}, but the request from rank {rank} is for epoch {epoch}"
@@ -155,8 +178,45 @@ class Session:
     def _soft_labels_or_none(self) -> torch.Tensor | None:
         return self._soft_labels if self._ols else None
 
+    def _check_live(self) -> None:
+        if self._retired is not None:
+            raise self._retired
+
+    def waiting(self) -> bool:
+        """Whether ranks wait in next_epoch (such a session must stay in memory)."""
+        with self._lock:
+            return bool(self._ranks_finished)
+
+    def retire_with_statistics(self, error: LossdError) -> tuple[Statistics, int]:
+        """Retire and return the final statistics in one step, so no batch lands in between."""
+        with self._lock:
+            self._retired = error
+            self._release_waiters(error)
+        return self._statistics_unchecked()
+
+    def unretire(self) -> None:
+        with self._lock:
+            self._retired = None
+
+    def retire(self, error: LossdError) -> None:
+        """This object no longer holds the session (moved to the store, or the server stopped).
+
+        Calls that still hold it get ``error`` (UNAVAILABLE, so clients retry and find
+        the session again) instead of changing state that nothing will save.
+        """
+        with self._lock:
+            self._retired = error
+            self._release_waiters(error)
+
     def compute(
-        self, batch: Batch, *, training: bool, need_grad: bool, rank: int = 0, epoch: int | None = None
+        self,
+        batch: Batch,
+        *,
+        training: bool,
+        need_grad: bool,
+        rank: int = 0,
+        epoch: int | None = None,
+        request: tuple[str, str] | None = None,
     ) -> Result:
         """Loss and gradient; in training mode, also this epoch's statistics, atomically.
 
@@ -187,7 +247,13 @@ class Session:
             self.samples_this_epoch += output.n_used
             self.correct_this_epoch += output.n_correct
             self.updated_at = time.time()
-            return Result(output, self.epoch)
+            self.changes += 1
+            if request is not None:
+                applied = self._applied.setdefault(rank, OrderedDict())
+                applied[request[0]] = request[1]
+                while len(applied) > self._replay_limits.ids:
+                    applied.popitem(last=False)
+            return Result(output, self.epoch, self.samples_this_epoch + self.samples_lost)
 
     def arrive(self, rank: int, epoch: int | None) -> Future[SessionView]:
         """Record that ``rank`` finished ``epoch``; the future resolves when every rank has.
@@ -197,6 +263,7 @@ class Session:
         """
         self.check_rank(rank)
         with self._lock:
+            self._check_live()
             if epoch is None:
                 if self.world_size > 1:
                     raise InvalidArgumentError(
@@ -216,7 +283,11 @@ class Session:
             self._ranks_finished.add(rank)
             done = self._epoch_done
             if len(self._ranks_finished) == self.world_size:
-                self._finish_epoch()
+                try:
+                    self._finish_epoch()
+                except BaseException:
+                    self._ranks_finished.discard(rank)  # not finished: this rank's retry arrives afresh
+                    raise
             return done
 
     def missing_ranks(self, epoch: int) -> list[int] | None:
@@ -248,21 +319,93 @@ class Session:
         self._epoch_done = Future()
 
     def _advance(self) -> None:
+        soft_labels = None
         if self._ols:
             assert self.spec.empty_class is not None
-            self._soft_labels = F.next_soft_labels(
-                self._accumulator, self._counts, self._soft_labels, self.spec.empty_class
-            )
+            soft_labels = F.next_soft_labels(self._accumulator, self._counts, self._soft_labels, self.spec.empty_class)
+        if self.on_epoch is not None:
+            self.on_epoch(self, self.epoch + 1, soft_labels)  # durable before anyone is told
+        if soft_labels is not None:
+            self._soft_labels = soft_labels
             self._accumulator.zero_()
             self._counts.zero_()
+        self.samples_lost = 0
+        self.changes += 1
         self.epoch += 1
         self._generation += 1
         self.samples_this_epoch = 0
         self.correct_this_epoch = 0
         self.updated_at = time.time()
 
+    def statistics(self) -> tuple[Statistics, int]:
+        """The current epoch's statistics (copied to the CPU) and the change count they reflect."""
+        with self._lock:
+            self._check_live()
+        return self._statistics_unchecked()
+
+    def _statistics_unchecked(self) -> tuple[Statistics, int]:
+        with self._lock:
+            acc = counts = None
+            if self._ols:
+                acc, counts = self._accumulator.to("cpu", copy=True), self._counts.to("cpu", copy=True)
+            applied = {rank: list(ids.items()) for rank, ids in self._applied.items()}
+            statistics = Statistics(
+                self.epoch,
+                acc,
+                counts,
+                self.samples_this_epoch,
+                self.correct_this_epoch,
+                self.samples_lost,
+                applied,
+                time.time(),
+            )
+            return statistics, self.changes
+
+    def soft_labels_cpu(self) -> torch.Tensor | None:
+        with self._lock:
+            return self._soft_labels.to("cpu", copy=True) if self._ols else None
+
+    @classmethod
+    def from_stored(
+        cls, stored: StoredSession, device: torch.device, replay: ReplayLimits | None, samples_seen: int | None
+    ) -> Session:
+        """Rebuild a session from the store.
+
+        ``samples_seen``: the epoch's progress count (samples seen, lost ones included);
+        what it exceeds the snapshot by is what the crash lost.
+        """
+        session = cls(stored.name, stored.spec, device, replay)
+        session.created_at, session.updated_at = stored.created_at, stored.updated_at
+        session.epoch = stored.epoch
+        if session._ols and stored.supervise is not None:
+            session._soft_labels = stored.supervise.to(device, torch.float32)
+        statistics = stored.statistics
+        if statistics is not None:
+            if session._ols and statistics.accumulator is not None and statistics.counts is not None:
+                session._accumulator = statistics.accumulator.to(device, torch.float64)
+                session._counts = statistics.counts.to(device, torch.int64)
+            session.samples_this_epoch, session.correct_this_epoch = statistics.samples, statistics.correct
+            session.snapshot_at = statistics.taken_at
+            session.samples_lost = statistics.samples_lost
+            for rank, ids in statistics.applied.items():
+                applied = session._applied.setdefault(rank, OrderedDict())
+                for request_id, fingerprint in ids:
+                    applied[request_id] = fingerprint
+                    session.replay.restore_applied(rank, request_id, fingerprint)
+        if samples_seen is not None:
+            session.samples_lost = max(session.samples_lost, samples_seen - session.samples_this_epoch)
+        if session.epoch > 0:
+            # A rank whose next_epoch answer was lost in the crash repeats the call: answer it
+            # as the epoch's end was answered (the new epoch, before any of its batches).
+            finished = dataclasses.replace(
+                session._view(), samples_this_epoch=0, correct_this_epoch=0, samples_lost=0, snapshot_at=0.0
+            )
+            session._last_finished = _Finished(session.epoch - 1, finished)
+        return session
+
     def snapshot(self) -> StateSnapshot:
         with self._lock:
+            self._check_live()
             if self._ols:
                 soft, acc, counts = (
                     t.to("cpu", copy=True) for t in (self._soft_labels, self._accumulator, self._counts)
@@ -277,6 +420,7 @@ class Session:
         """Replace the whole state. ``state`` must already be validated by :func:`check_state`."""
         check_state(self.spec, state)
         with self._lock:
+            self._check_live()
             self._release_waiters(
                 AbortedError(
                     f"the state of session {self.name!r} was replaced while ranks waited in next_epoch; call it again"
@@ -292,6 +436,9 @@ class Session:
             self.samples_this_epoch = state.samples_this_epoch
             self.correct_this_epoch = int(state.counts.sum()) if self._ols else 0
             self.updated_at = time.time()
+            self.samples_lost = 0
+            self._applied.clear()
+            self.changes += 1
 
 
 def check_state(spec: SessionSpec, state: StateSnapshot) -> None:

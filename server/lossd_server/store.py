@@ -12,7 +12,7 @@ import torch
 from lossd._exceptions import AlreadyExistsError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from lossd._spec import SessionSpec
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Session, state_bytes
+from lossd_server.session import Session, SessionView, state_bytes
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
 
@@ -24,13 +24,53 @@ def check_name(name: str) -> None:
         )
 
 
-def _spec_diff(existing: SessionSpec, requested: SessionSpec) -> str:
+def spec_diff(existing: SessionSpec, requested: SessionSpec) -> str:
     parts = []
     for field in dataclasses.fields(SessionSpec):
         old, new = getattr(existing, field.name), getattr(requested, field.name)
         if old != new:
             parts.append(f"{field.name} is {old!r}, requested {new!r}" if field.name != "weight" else "weight differs")
     return "; ".join(parts)
+
+
+def reuse(existing: Session, spec: SessionSpec) -> Session:
+    """Get-or-create found ``existing``: it must have been created with the same spec."""
+    if existing.spec != spec:
+        raise AlreadyExistsError(
+            f"session {existing.name!r} exists with another spec: {spec_diff(existing.spec, spec)}"
+        )
+    return existing
+
+
+def check_capacity(
+    name: str,
+    spec: SessionSpec,
+    *,
+    sessions: int,
+    max_sessions: int,
+    used_bytes: int,
+    budget_bytes: int,
+    hint: str = "",
+) -> None:
+    """RESOURCE_EXHAUSTED, with the numbers, when one more session does not fit."""
+    if sessions >= max_sessions:
+        raise ResourceExhaustedError(f"too many sessions: {sessions} of max_sessions={max_sessions} are in use")
+    needed = state_bytes(spec)
+    if used_bytes + needed > budget_bytes:
+        raise ResourceExhaustedError(
+            f"session {name!r} needs {needed} bytes of matrices (n_classes={spec.n_classes}); "
+            f"{used_bytes} of matrix_memory_bytes={budget_bytes} are in use{hint}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreStats:
+    """What the metrics report about a store, read at scrape time."""
+
+    sessions: int
+    matrix_bytes: int  # OLS matrices held, the figure matrix_memory_bytes limits
+    # Age of the oldest change not yet snapshotted (what kill -9 would lose); 0.0 when all is saved or nothing persists.
+    snapshot_age_seconds: float
 
 
 class SessionStore(Protocol):
@@ -41,13 +81,22 @@ class SessionStore(Protocol):
 
     def get(self, owner: str, name: str) -> Session: ...
 
-    def list(self, owner: str) -> list[Session]: ...
+    def list(self, owner: str) -> list[SessionView]: ...
 
-    def delete(self, owner: str, name: str) -> Session:
-        """Remove and return the session."""
+    def delete(self, owner: str, name: str) -> Session | None:
+        """Remove the session; return it if it was in memory (its barrier waiters must be told)."""
+
+    def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
+        """After each training batch: how many samples the epoch has seen, so a crash can report its loss."""
+
+    def persist(self, owner: str, session: Session) -> None:
+        """Make the session's whole state durable now (after LoadState replaced it)."""
 
     def close(self) -> None:
         """Persist what is held in memory and release the store."""
+
+    def stats(self) -> StoreStats:
+        """Called on the metrics HTTP thread at each scrape: must be thread-safe and cheap."""
 
 
 class MemoryStore:
@@ -74,21 +123,15 @@ class MemoryStore:
         with self._lock:
             existing = self._sessions.get((owner, name))
             if existing is not None:
-                if existing.spec != spec:
-                    raise AlreadyExistsError(
-                        f"session {name!r} exists with another spec: {_spec_diff(existing.spec, spec)}"
-                    )
-                return existing, False
-            if len(self._sessions) >= self._max_sessions:
-                raise ResourceExhaustedError(
-                    f"too many sessions: {len(self._sessions)} of max_sessions={self._max_sessions} are in use"
-                )
-            needed, used = state_bytes(spec), self._used_bytes()
-            if used + needed > self._matrix_memory_bytes:
-                raise ResourceExhaustedError(
-                    f"session {name!r} needs {needed} bytes of matrices (n_classes={spec.n_classes}); "
-                    f"{used} of matrix_memory_bytes={self._matrix_memory_bytes} are in use"
-                )
+                return reuse(existing, spec), False
+            check_capacity(
+                name,
+                spec,
+                sessions=len(self._sessions),
+                max_sessions=self._max_sessions,
+                used_bytes=self._used_bytes(),
+                budget_bytes=self._matrix_memory_bytes,
+            )
             session = Session(name, spec, self._device, self._replay)
             self._sessions[owner, name] = session
             return session, True
@@ -100,10 +143,10 @@ class MemoryStore:
             raise NotFoundError(f"session {name!r} not found")
         return session
 
-    def list(self, owner: str) -> list[Session]:
+    def list(self, owner: str) -> list[SessionView]:
         with self._lock:
             mine = [session for (session_owner, _), session in self._sessions.items() if session_owner == owner]
-        return sorted(mine, key=lambda session: session.name)
+        return [session.view() for session in sorted(mine, key=lambda session: session.name)]
 
     def delete(self, owner: str, name: str) -> Session:
         with self._lock:
@@ -112,5 +155,15 @@ class MemoryStore:
             raise NotFoundError(f"session {name!r} not found")
         return session
 
+    def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
+        """Nothing survives a restart here, so there is nothing to report."""
+
+    def persist(self, owner: str, session: Session) -> None:
+        """Memory sessions end with the server."""
+
     def close(self) -> None:
         """Nothing to persist: memory sessions end with the server."""
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(sessions=len(self._sessions), matrix_bytes=self._used_bytes(), snapshot_age_seconds=0.0)

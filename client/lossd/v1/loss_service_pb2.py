@@ -24,59 +24,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x03\n\x0bSessionSpec\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.lossd.v1.LossKind\x12\x11\n\tn_classes\x18\x02 \x01(\x03\x12\x11\n\tsmoothing\x18\x03 \x01(\x01\x12\x31\n\nconvention\x18\x04 \x01(\x0e\x32\x1d.lossd.v1.SmoothingConvention\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12&\n\treduction\x18\x06 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x19\n\x0cignore_index\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12 \n\x06weight\x18\x08 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1f\n\x04init\x18\t \x01(\x0e\x32\x11.lossd.v1.OlsInit\x12/\n\x0b\x65mpty_class\x18\n \x01(\x0e\x32\x1a.lossd.v1.EmptyClassPolicy\x12\x12\n\nworld_size\x18\x0b \x01(\x03\x42\x08\n\x06_alphaB\x0f\n\r_ignore_index\"\xd8\x01\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1a\n\x12samples_this_epoch\x18\x04 \x01(\x03\x12\x1a\n\x12\x63orrect_this_epoch\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x03\x12\x16\n\x0eranks_finished\x18\t \x03(\x03\"I\n\x14\x43reateSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\"L\n\x15\x43reateSessionResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x11.lossd.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11GetSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\";\n\x14ListSessionsResponse\x12#\n\x08sessions\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Session\"$\n\x14\x44\x65leteSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xc7\x01\n\x0bLossRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12 \n\x06logits\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x11\n\tneed_grad\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x03\x12\x12\n\x05\x65poch\x18\x08 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_epoch\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xcb\x01\n\x0cLossResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04grad\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0e\n\x06n_used\x18\x04 \x01(\x03\x12\x11\n\tn_correct\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x1e\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x0f.lossd.v1.Error\x12\x15\n\rgrad_exponent\x18\x08 \x01(\x05\"O\n\x10NextEpochRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x03\x42\x08\n\x06_epoch\"\"\n\x0fGetStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\xa7\x01\n\x0cSessionState\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12#\n\tsupervise\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12%\n\x0b\x61\x63\x63umulator\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1a\n\x12samples_this_epoch\x18\x05 \x01(\x03\"J\n\x10LoadStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0b\x32\x16.lossd.v1.SessionState*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06*\x87\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOSS_KIND_CROSS_ENTROPY\x10\x01\x12\x1d\n\x19LOSS_KIND_LABEL_SMOOTHING\x10\x02\x12$\n LOSS_KIND_ONLINE_LABEL_SMOOTHING\x10\x03*\x82\x01\n\x13SmoothingConvention\x12$\n SMOOTHING_CONVENTION_UNSPECIFIED\x10\x00\x12 \n\x1cSMOOTHING_CONVENTION_UNIFORM\x10\x01\x12#\n\x1fSMOOTHING_CONVENTION_OFF_TARGET\x10\x02*a\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02\x12\x12\n\x0eREDUCTION_NONE\x10\x03*k\n\x07OlsInit\x12\x18\n\x14OLS_INIT_UNSPECIFIED\x10\x00\x12\x1c\n\x18OLS_INIT_LABEL_SMOOTHING\x10\x01\x12\x14\n\x10OLS_INIT_UNIFORM\x10\x02\x12\x12\n\x0eOLS_INIT_ZEROS\x10\x03*\x90\x01\n\x10\x45mptyClassPolicy\x12\"\n\x1e\x45MPTY_CLASS_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_KEEP\x10\x01\x12\x1e\n\x1a\x45MPTY_CLASS_POLICY_UNIFORM\x10\x02\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_ZERO\x10\x03\x32\xf4\x04\n\x0bLossService\x12P\n\rCreateSession\x12\x1e.lossd.v1.CreateSessionRequest\x1a\x1f.lossd.v1.CreateSessionResponse\x12<\n\nGetSession\x12\x1b.lossd.v1.GetSessionRequest\x1a\x11.lossd.v1.Session\x12M\n\x0cListSessions\x12\x1d.lossd.v1.ListSessionsRequest\x1a\x1e.lossd.v1.ListSessionsResponse\x12P\n\rDeleteSession\x12\x1e.lossd.v1.DeleteSessionRequest\x1a\x1f.lossd.v1.DeleteSessionResponse\x12<\n\x0b\x43omputeLoss\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse\x12?\n\nLossStream\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse(\x01\x30\x01\x12:\n\tNextEpoch\x12\x1a.lossd.v1.NextEpochRequest\x1a\x11.lossd.v1.Session\x12=\n\x08GetState\x12\x19.lossd.v1.GetStateRequest\x1a\x16.lossd.v1.SessionState\x12:\n\tLoadState\x12\x1a.lossd.v1.LoadStateRequest\x1a\x11.lossd.v1.Sessionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x82\x03\n\x0bSessionSpec\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.lossd.v1.LossKind\x12\x11\n\tn_classes\x18\x02 \x01(\x03\x12\x11\n\tsmoothing\x18\x03 \x01(\x01\x12\x31\n\nconvention\x18\x04 \x01(\x0e\x32\x1d.lossd.v1.SmoothingConvention\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12&\n\treduction\x18\x06 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x19\n\x0cignore_index\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12 \n\x06weight\x18\x08 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1f\n\x04init\x18\t \x01(\x0e\x32\x11.lossd.v1.OlsInit\x12/\n\x0b\x65mpty_class\x18\n \x01(\x0e\x32\x1a.lossd.v1.EmptyClassPolicy\x12\x12\n\nworld_size\x18\x0b \x01(\x03\x42\x08\n\x06_alphaB\x0f\n\r_ignore_index\"\x83\x02\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1a\n\x12samples_this_epoch\x18\x04 \x01(\x03\x12\x1a\n\x12\x63orrect_this_epoch\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x03\x12\x16\n\x0eranks_finished\x18\t \x03(\x03\x12\x14\n\x0csamples_lost\x18\n \x01(\x03\x12\x13\n\x0bsnapshot_at\x18\x0b \x01(\x01\"I\n\x14\x43reateSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\"L\n\x15\x43reateSessionResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x11.lossd.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11GetSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\";\n\x14ListSessionsResponse\x12#\n\x08sessions\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Session\"$\n\x14\x44\x65leteSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xc7\x01\n\x0bLossRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12 \n\x06logits\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x11\n\tneed_grad\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x03\x12\x12\n\x05\x65poch\x18\x08 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_epoch\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xcb\x01\n\x0cLossResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04grad\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0e\n\x06n_used\x18\x04 \x01(\x03\x12\x11\n\tn_correct\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x1e\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x0f.lossd.v1.Error\x12\x15\n\rgrad_exponent\x18\x08 \x01(\x05\"O\n\x10NextEpochRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x03\x42\x08\n\x06_epoch\"\"\n\x0fGetStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\xa7\x01\n\x0cSessionState\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12#\n\tsupervise\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12%\n\x0b\x61\x63\x63umulator\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1a\n\x12samples_this_epoch\x18\x05 \x01(\x03\"J\n\x10LoadStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0b\x32\x16.lossd.v1.SessionState*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06*\x87\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOSS_KIND_CROSS_ENTROPY\x10\x01\x12\x1d\n\x19LOSS_KIND_LABEL_SMOOTHING\x10\x02\x12$\n LOSS_KIND_ONLINE_LABEL_SMOOTHING\x10\x03*\x82\x01\n\x13SmoothingConvention\x12$\n SMOOTHING_CONVENTION_UNSPECIFIED\x10\x00\x12 \n\x1cSMOOTHING_CONVENTION_UNIFORM\x10\x01\x12#\n\x1fSMOOTHING_CONVENTION_OFF_TARGET\x10\x02*a\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02\x12\x12\n\x0eREDUCTION_NONE\x10\x03*k\n\x07OlsInit\x12\x18\n\x14OLS_INIT_UNSPECIFIED\x10\x00\x12\x1c\n\x18OLS_INIT_LABEL_SMOOTHING\x10\x01\x12\x14\n\x10OLS_INIT_UNIFORM\x10\x02\x12\x12\n\x0eOLS_INIT_ZEROS\x10\x03*\x90\x01\n\x10\x45mptyClassPolicy\x12\"\n\x1e\x45MPTY_CLASS_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_KEEP\x10\x01\x12\x1e\n\x1a\x45MPTY_CLASS_POLICY_UNIFORM\x10\x02\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_ZERO\x10\x03\x32\xf4\x04\n\x0bLossService\x12P\n\rCreateSession\x12\x1e.lossd.v1.CreateSessionRequest\x1a\x1f.lossd.v1.CreateSessionResponse\x12<\n\nGetSession\x12\x1b.lossd.v1.GetSessionRequest\x1a\x11.lossd.v1.Session\x12M\n\x0cListSessions\x12\x1d.lossd.v1.ListSessionsRequest\x1a\x1e.lossd.v1.ListSessionsResponse\x12P\n\rDeleteSession\x12\x1e.lossd.v1.DeleteSessionRequest\x1a\x1f.lossd.v1.DeleteSessionResponse\x12<\n\x0b\x43omputeLoss\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse\x12?\n\nLossStream\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse(\x01\x30\x01\x12:\n\tNextEpoch\x12\x1a.lossd.v1.NextEpochRequest\x1a\x11.lossd.v1.Session\x12=\n\x08GetState\x12\x19.lossd.v1.GetStateRequest\x1a\x16.lossd.v1.SessionState\x12:\n\tLoadState\x12\x1a.lossd.v1.LoadStateRequest\x1a\x11.lossd.v1.Sessionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lossd.v1.loss_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1867
-  _globals['_DTYPE']._serialized_end=2008
-  _globals['_LOSSKIND']._serialized_start=2011
-  _globals['_LOSSKIND']._serialized_end=2146
-  _globals['_SMOOTHINGCONVENTION']._serialized_start=2149
-  _globals['_SMOOTHINGCONVENTION']._serialized_end=2279
-  _globals['_REDUCTION']._serialized_start=2281
-  _globals['_REDUCTION']._serialized_end=2378
-  _globals['_OLSINIT']._serialized_start=2380
-  _globals['_OLSINIT']._serialized_end=2487
-  _globals['_EMPTYCLASSPOLICY']._serialized_start=2490
-  _globals['_EMPTYCLASSPOLICY']._serialized_end=2634
+  _globals['_DTYPE']._serialized_start=1910
+  _globals['_DTYPE']._serialized_end=2051
+  _globals['_LOSSKIND']._serialized_start=2054
+  _globals['_LOSSKIND']._serialized_end=2189
+  _globals['_SMOOTHINGCONVENTION']._serialized_start=2192
+  _globals['_SMOOTHINGCONVENTION']._serialized_end=2322
+  _globals['_REDUCTION']._serialized_start=2324
+  _globals['_REDUCTION']._serialized_end=2421
+  _globals['_OLSINIT']._serialized_start=2423
+  _globals['_OLSINIT']._serialized_end=2530
+  _globals['_EMPTYCLASSPOLICY']._serialized_start=2533
+  _globals['_EMPTYCLASSPOLICY']._serialized_end=2677
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=110
   _globals['_SESSIONSPEC']._serialized_start=113
   _globals['_SESSIONSPEC']._serialized_end=499
   _globals['_SESSION']._serialized_start=502
-  _globals['_SESSION']._serialized_end=718
-  _globals['_CREATESESSIONREQUEST']._serialized_start=720
-  _globals['_CREATESESSIONREQUEST']._serialized_end=793
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=795
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=871
-  _globals['_GETSESSIONREQUEST']._serialized_start=873
-  _globals['_GETSESSIONREQUEST']._serialized_end=906
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=908
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=929
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=931
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=990
-  _globals['_DELETESESSIONREQUEST']._serialized_start=992
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1028
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1030
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1053
-  _globals['_LOSSREQUEST']._serialized_start=1056
-  _globals['_LOSSREQUEST']._serialized_end=1255
-  _globals['_ERROR']._serialized_start=1257
-  _globals['_ERROR']._serialized_end=1295
-  _globals['_LOSSRESPONSE']._serialized_start=1298
-  _globals['_LOSSRESPONSE']._serialized_end=1501
-  _globals['_NEXTEPOCHREQUEST']._serialized_start=1503
-  _globals['_NEXTEPOCHREQUEST']._serialized_end=1582
-  _globals['_GETSTATEREQUEST']._serialized_start=1584
-  _globals['_GETSTATEREQUEST']._serialized_end=1618
-  _globals['_SESSIONSTATE']._serialized_start=1621
-  _globals['_SESSIONSTATE']._serialized_end=1788
-  _globals['_LOADSTATEREQUEST']._serialized_start=1790
-  _globals['_LOADSTATEREQUEST']._serialized_end=1864
-  _globals['_LOSSSERVICE']._serialized_start=2637
-  _globals['_LOSSSERVICE']._serialized_end=3265
+  _globals['_SESSION']._serialized_end=761
+  _globals['_CREATESESSIONREQUEST']._serialized_start=763
+  _globals['_CREATESESSIONREQUEST']._serialized_end=836
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=838
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=914
+  _globals['_GETSESSIONREQUEST']._serialized_start=916
+  _globals['_GETSESSIONREQUEST']._serialized_end=949
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=951
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=972
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=974
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1033
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1035
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1071
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1073
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1096
+  _globals['_LOSSREQUEST']._serialized_start=1099
+  _globals['_LOSSREQUEST']._serialized_end=1298
+  _globals['_ERROR']._serialized_start=1300
+  _globals['_ERROR']._serialized_end=1338
+  _globals['_LOSSRESPONSE']._serialized_start=1341
+  _globals['_LOSSRESPONSE']._serialized_end=1544
+  _globals['_NEXTEPOCHREQUEST']._serialized_start=1546
+  _globals['_NEXTEPOCHREQUEST']._serialized_end=1625
+  _globals['_GETSTATEREQUEST']._serialized_start=1627
+  _globals['_GETSTATEREQUEST']._serialized_end=1661
+  _globals['_SESSIONSTATE']._serialized_start=1664
+  _globals['_SESSIONSTATE']._serialized_end=1831
+  _globals['_LOADSTATEREQUEST']._serialized_start=1833
+  _globals['_LOADSTATEREQUEST']._serialized_end=1907
+  _globals['_LOSSSERVICE']._serialized_start=2680
+  _globals['_LOSSSERVICE']._serialized_end=3308
 # @@protoc_insertion_point(module_scope)

@@ -284,6 +284,8 @@ class Session(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STATE_BYTES_FIELD_NUMBER: _builtins.int
     RANKS_FINISHED_FIELD_NUMBER: _builtins.int
+    SAMPLES_LOST_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     epoch: _builtins.int
     samples_this_epoch: _builtins.int
@@ -296,6 +298,14 @@ class Session(_message.Message):
     """Unix seconds"""
     state_bytes: _builtins.int
     """Bytes held by the session's matrices."""
+    samples_lost: _builtins.int
+    """Training samples of the current epoch that a server crash lost: seen, but
+    after the last snapshot of the statistics. 0 after a clean shutdown.
+    """
+    snapshot_at: _builtins.float
+    """When the current epoch's statistics were last made durable (Unix seconds);
+    0 with the memory store, or before the first snapshot.
+    """
     @_builtins.property
     def spec(self) -> Global___SessionSpec:
         """The spec with every default filled in."""
@@ -316,10 +326,12 @@ class Session(_message.Message):
         updated_at: _builtins.float = ...,
         state_bytes: _builtins.int = ...,
         ranks_finished: _abc.Iterable[_builtins.int] | None = ...,
+        samples_lost: _builtins.int = ...,
+        snapshot_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct_this_epoch", b"correct_this_epoch", "created_at", b"created_at", "epoch", b"epoch", "name", b"name", "ranks_finished", b"ranks_finished", "samples_this_epoch", b"samples_this_epoch", "spec", b"spec", "state_bytes", b"state_bytes", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct_this_epoch", b"correct_this_epoch", "created_at", b"created_at", "epoch", b"epoch", "name", b"name", "ranks_finished", b"ranks_finished", "samples_lost", b"samples_lost", "samples_this_epoch", b"samples_this_epoch", "snapshot_at", b"snapshot_at", "spec", b"spec", "state_bytes", b"state_bytes", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

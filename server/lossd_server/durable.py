@@ -1,0 +1,331 @@
+"""The default store: sessions in memory for speed, made durable in SQLite under ``--state-dir``.
+
+What is durable, and when (the README's durability promise):
+
+- creating, deleting and LoadState are on disk before they are acknowledged;
+- a finished epoch's S is committed (fsync) before any rank's next_epoch returns;
+- the current epoch's statistics are snapshotted every ``snapshot_seconds`` when
+  they changed, when a session goes idle and moves out of memory, and at shutdown;
+- every training batch bumps a per-session progress count, so after kill -9 the
+  restored session reports exactly how many of the epoch's samples were lost.
+
+A session object that leaves memory (idle TTL, shutdown, delete) is retired:
+calls still holding it get UNAVAILABLE or NOT_FOUND instead of changing state
+nothing will save, and the client's retry finds the session again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lossd._exceptions import (
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from lossd._spec import SessionSpec
+from lossd_server.config import Settings
+from lossd_server.progress import ProgressFiles
+from lossd_server.replay import ReplayLimits
+from lossd_server.session import Session, SessionView
+from lossd_server.statedb import StateDB, Statistics, StoreFileError
+from lossd_server.store import MemoryStore, SessionStore, StoreStats, check_capacity, check_name, reuse
+
+log = logging.getLogger("lossd_server.durable")
+Key = tuple[str, str]  # (owner, name)
+
+
+def _lock_directory(directory: Path) -> int:
+    """One server per state directory: two would overwrite each other's snapshots."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreFileError(f"{directory}: another lossd server is using this state directory") from None
+    return fd
+
+
+class DurableStore:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        device: torch.device,
+        max_sessions: int,
+        matrix_memory_bytes: int,
+        replay: ReplayLimits | None = None,
+        snapshot_seconds: float = 5.0,
+        history_bytes: int = 64 << 20,
+        idle_ttl_seconds: float = 1800.0,
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._lock_fd = _lock_directory(directory)
+        try:
+            self._db = StateDB(directory)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._progress = ProgressFiles(directory / "progress")
+        self._device = device
+        self._replay = replay or ReplayLimits()
+        self._max_sessions = max_sessions
+        self._matrix_memory_bytes = matrix_memory_bytes
+        self._history_bytes = history_bytes
+        self._idle_ttl = idle_ttl_seconds
+        self._snapshot_seconds = snapshot_seconds
+        self._lock = threading.RLock()
+        self._resident: dict[Key, Session] = {}
+        self._saved_changes: dict[Key, int] = {}  # Session.changes as of its last snapshot
+        self._known: set[Key] = set(self._db.names())
+        self._load_at_startup()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._snapshot_loop, name="lossd-snapshots", daemon=True)
+        self._thread.start()
+
+    def _load_at_startup(self) -> None:
+        """Bring every stored session back, most recently used first, as far as the memory budget allows."""
+        loaded = lost = 0
+        for key in self._db.most_recent_first():
+            try:
+                session = self._load(key)
+            except ResourceExhaustedError:
+                continue  # stays in the store; loaded on first use if memory frees up
+            loaded += 1
+            lost += session.samples_lost
+        log.info(
+            "state store %s: %d sessions, %d loaded into memory, %d current-epoch samples lost in a crash",
+            self._db.path,
+            len(self._known),
+            loaded,
+            lost,
+            extra={"sessions": len(self._known), "loaded": loaded, "samples_lost": lost},
+        )
+
+    # Memory residency --------------------------------------------------------------
+
+    def _used_bytes(self) -> int:
+        return sum(session.state_bytes for session in self._resident.values())
+
+    def _check_capacity(self, name: str, spec: SessionSpec, *, new: bool) -> None:
+        check_capacity(
+            name,
+            spec,
+            sessions=len(self._known) if new else 0,  # a stored session already counts
+            max_sessions=self._max_sessions,
+            used_bytes=self._used_bytes(),
+            budget_bytes=self._matrix_memory_bytes,
+            hint=f" (idle sessions leave memory after idle_ttl_seconds={self._idle_ttl:g})",
+        )
+
+    def _attach(self, key: Key, session: Session) -> Session:
+        owner, name = key
+        session.on_epoch = lambda s, epoch, supervise: self._commit_epoch(owner, name, epoch, supervise)
+        self._resident[key] = session
+        self._saved_changes[key] = session.changes
+        return session
+
+    def _load(self, key: Key) -> Session:
+        """Called under the store lock."""
+        stored = self._db.load(*key)
+        if stored is None:
+            raise NotFoundError(f"session {key[1]!r} not found")
+        self._check_capacity(key[1], stored.spec, new=False)
+        progress = self._progress.read(*key)
+        seen = progress[1] if progress is not None and progress[0] == stored.epoch else None
+        session = Session.from_stored(stored, self._device, self._replay, seen)
+        self._attach(key, session)
+        if session.samples_lost:
+            log.warning(
+                "session %r: %d samples of epoch %d were seen after the last snapshot and lost in a crash",
+                key[1],
+                session.samples_lost,
+                session.epoch,
+                extra={"session": key[1], "epoch": session.epoch, "samples_lost": session.samples_lost},
+            )
+            self._saved_changes[key] = -1  # record the loss in the next snapshot
+        return session
+
+    def _commit_epoch(self, owner: str, name: str, epoch: int, supervise: torch.Tensor | None) -> None:
+        """Under the session's lock, before any rank is told: the new epoch is on disk or nothing changes."""
+        empty = Statistics(epoch, None, None, 0, 0, 0, {}, time.time())
+        try:
+            self._db.commit_epoch(owner, name, epoch, supervise, empty, self._history_bytes)
+        except Exception as error:
+            log.exception("could not commit epoch %d of session %r", epoch, name)
+            raise UnavailableError(f"could not make epoch {epoch} of session {name!r} durable: {error}") from error
+
+    # SessionStore ----------------------------------------------------------------
+
+    def create(self, owner: str, name: str, spec: SessionSpec) -> tuple[Session, bool]:
+        check_name(name)
+        key = (owner, name)
+        with self._lock:
+            if key in self._resident or key in self._known:
+                return reuse(self._resident.get(key) or self._load(key), spec), False
+            self._check_capacity(name, spec, new=True)
+            session = Session(name, spec, self._device, self._replay)
+            self._db.put_session(owner, name, spec, session.created_at)
+            self._known.add(key)
+            return self._attach(key, session), True
+
+    def get(self, owner: str, name: str) -> Session:
+        key = (owner, name)
+        with self._lock:
+            session = self._resident.get(key)
+            if session is not None:
+                return session
+            if key not in self._known:
+                raise NotFoundError(f"session {name!r} not found")
+            return self._load(key)
+
+    def list(self, owner: str) -> list[SessionView]:
+        with self._lock:
+            keys = sorted(key for key in self._known if key[0] == owner)
+            resident = {key: self._resident.get(key) for key in keys}
+        views = []
+        for key in keys:
+            session = resident[key]
+            if session is not None:
+                views.append(session.view())
+                continue
+            stored = self._db.load(*key)
+            if stored is not None:  # deleted meanwhile otherwise
+                views.append(Session.from_stored(stored, torch.device("cpu"), self._replay, None).view())
+        return views
+
+    def delete(self, owner: str, name: str) -> Session | None:
+        key = (owner, name)
+        with self._lock:
+            if key not in self._known:
+                raise NotFoundError(f"session {name!r} not found")
+            self._db.delete_session(owner, name)
+            self._known.discard(key)
+            self._saved_changes.pop(key, None)
+            session = self._resident.pop(key, None)
+            self._progress.forget(owner, name)
+        if session is not None:
+            session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
+            session.retire(NotFoundError(f"session {name!r} was deleted"))
+        return session
+
+    def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
+        self._progress.record(owner, session.name, epoch, samples)
+
+    def persist(self, owner: str, session: Session) -> None:
+        """After LoadState: S, statistics and epoch, committed together."""
+        statistics, changes = session.statistics()
+        self._db.commit_epoch(
+            owner, session.name, statistics.epoch, session.soft_labels_cpu(), statistics, self._history_bytes
+        )
+        session.snapshot_at = statistics.taken_at
+        self._progress.reset(owner, session.name, statistics.epoch, statistics.samples)
+        with self._lock:
+            if self._resident.get((owner, session.name)) is session:
+                self._saved_changes[owner, session.name] = changes
+
+    def stats(self) -> StoreStats:
+        now = time.time()
+        with self._lock:
+            sessions = list(self._resident.items())
+            unsaved = [s for key, s in sessions if s.changes != self._saved_changes.get(key)]
+            count, used = len(self._known), self._used_bytes()
+        oldest = min((s.snapshot_at or s.created_at for s in unsaved), default=now)
+        return StoreStats(sessions=count, matrix_bytes=used, snapshot_age_seconds=max(0.0, now - oldest))
+
+    # Snapshots and idle sessions -------------------------------------------------
+
+    def _snapshot(self, key: Key, session: Session) -> None:
+        statistics, changes = session.statistics()
+        if changes == self._saved_changes.get(key):
+            return
+        self._db.put_statistics(key[0], key[1], session.updated_at, statistics)
+        session.snapshot_at = statistics.taken_at
+        with self._lock:
+            if self._resident.get(key) is session:
+                self._saved_changes[key] = changes
+
+    def snapshot_all(self) -> None:
+        with self._lock:
+            sessions = list(self._resident.items())
+        for key, session in sessions:
+            try:
+                self._snapshot(key, session)
+            except UnavailableError:
+                pass  # retired meanwhile: whoever retired it saved it
+            except Exception:
+                log.exception("snapshot of session %r failed; will retry", key[1])
+
+    def _evict_idle(self) -> None:
+        if not self._idle_ttl:
+            return
+        cutoff = time.time() - self._idle_ttl
+        with self._lock:
+            idle = [(key, s) for key, s in self._resident.items() if s.updated_at < cutoff and not s.waiting()]
+        for key, session in idle:
+            self._retire(key, session, UnavailableError(f"session {key[1]!r} moved out of memory; call again"))
+            log.info("session %r idle since %.0f: moved to the store", key[1], session.updated_at)
+
+    def _retire(self, key: Key, session: Session, error: UnavailableError) -> None:
+        """Take the session out of memory with its final statistics saved; if saving fails it stays."""
+        with self._lock:
+            if self._resident.get(key) is not session:
+                return
+            statistics, changes = session.retire_with_statistics(error)
+            try:
+                if changes != self._saved_changes.get(key):
+                    self._db.put_statistics(key[0], key[1], session.updated_at, statistics)
+            except Exception:
+                session.unretire()
+                log.exception("could not save session %r; keeping it in memory", key[1])
+                return
+            del self._resident[key]
+            self._saved_changes.pop(key, None)
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(self._snapshot_seconds):
+            self.snapshot_all()
+            self._evict_idle()
+
+    def close(self) -> None:
+        """Retire every session with its statistics saved, then release the directory."""
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            sessions = list(self._resident.items())
+        for key, session in sessions:
+            self._retire(key, session, UnavailableError("the server is shutting down; call again on the next one"))
+        self._db.close()
+        self._progress.close()
+        os.close(self._lock_fd)
+
+
+def open_store(settings: Settings, device: torch.device) -> SessionStore:
+    """The store the settings ask for; a damaged store file raises StoreFileError and is left untouched."""
+    replay = ReplayLimits(ids=settings.replay_ids, responses=settings.replay_responses)
+    if settings.store == "memory":
+        log.warning("store=memory: sessions are lost when the server stops")
+        return MemoryStore(
+            device=device,
+            max_sessions=settings.max_sessions,
+            matrix_memory_bytes=settings.matrix_memory_bytes,
+            replay=replay,
+        )
+    return DurableStore(
+        settings.resolved_state_dir,
+        device=device,
+        max_sessions=settings.max_sessions,
+        matrix_memory_bytes=settings.matrix_memory_bytes,
+        replay=replay,
+        snapshot_seconds=settings.snapshot_seconds,
+        history_bytes=settings.history_bytes,
+        idle_ttl_seconds=settings.idle_ttl_seconds,
+    )

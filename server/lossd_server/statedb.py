@@ -1,0 +1,305 @@
+"""The SQLite file behind the durable store: schema, checks and the few statements it needs.
+
+One file, WAL mode, ``synchronous=FULL``: a commit is on disk when it returns,
+so an acknowledged next_epoch survives kill -9 and power loss alike. Tensors are
+stored as raw little-endian bytes with their dtype implied by the column.
+
+Opening never changes a file it does not recognise: an existing file is first
+checked through a read-only connection, and a new one is built under a temporary
+name and renamed into place, so a crash mid-creation leaves no half-made store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lossd._spec import SessionSpec
+from lossd.v1 import loss_service_pb2 as pb
+
+APPLICATION_ID = 0x4C4F5353  # "LOSS": marks the file as a lossd store
+SCHEMA_VERSION = 1
+FILE_NAME = "lossd.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE sessions (
+    owner TEXT NOT NULL, name TEXT NOT NULL,
+    spec BLOB NOT NULL,            -- lossd.v1.SessionSpec, canonical
+    epoch INTEGER NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (owner, name)
+);
+-- S in force during `epoch`: written when the epoch before it finishes.
+CREATE TABLE epochs (
+    owner TEXT NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
+    supervise BLOB NOT NULL,       -- float32 [C, C], class-major
+    committed_at REAL NOT NULL,
+    PRIMARY KEY (owner, name, epoch)
+);
+-- The statistics of the current epoch as of `taken_at`.
+CREATE TABLE snapshots (
+    owner TEXT NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
+    accumulator BLOB,              -- float64 [C, C]; NULL for zeros
+    counts BLOB,                   -- int64 [C]; NULL for zeros
+    samples INTEGER NOT NULL, correct INTEGER NOT NULL, samples_lost INTEGER NOT NULL,
+    applied TEXT NOT NULL,         -- JSON {rank: [[request_id, fingerprint], ...]}
+    taken_at REAL NOT NULL,
+    PRIMARY KEY (owner, name)
+);
+"""
+
+
+class StoreFileError(OSError):
+    """The store file is not a lossd store, or is damaged. Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A session's current-epoch statistics, as snapshotted."""
+
+    epoch: int
+    accumulator: torch.Tensor | None  # None: zeros
+    counts: torch.Tensor | None
+    samples: int
+    correct: int
+    samples_lost: int
+    applied: dict[int, list[tuple[str, str]]]
+    taken_at: float
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    owner: str
+    name: str
+    spec: SessionSpec
+    epoch: int
+    created_at: float
+    updated_at: float
+    supervise: torch.Tensor | None  # S of `epoch`; None before the first finished epoch or for stateless kinds
+    statistics: Statistics | None
+
+
+def _blob(tensor: torch.Tensor) -> bytes:
+    array = tensor.detach().to("cpu").contiguous().numpy()
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _tensor(blob: bytes, dtype: np.dtype[np.generic], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape).copy())
+
+
+def _check_existing(path: Path) -> None:
+    """Read-only checks: a damaged or foreign file is reported and left exactly as it is."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as error:
+        raise StoreFileError(f"{path}: cannot open the state store: {error}") from None
+    try:
+        application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        if application_id != APPLICATION_ID:
+            raise StoreFileError(f"{path}: not a lossd state store (application_id {application_id:#x})")
+        check = [row[0] for row in connection.execute("PRAGMA quick_check")]
+        if check != ["ok"]:
+            raise StoreFileError(f"{path}: the state store is damaged: {'; '.join(check[:5])}")
+        version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            raise StoreFileError(
+                f"{path}: state store schema version {version and version[0]}, this server reads {SCHEMA_VERSION}"
+            )
+    except sqlite3.Error as error:
+        raise StoreFileError(f"{path}: the state store is damaged or not a database: {error}") from None
+    finally:
+        connection.close()
+
+
+def _create(path: Path) -> None:
+    partial = path.with_name(path.name + ".creating")
+    partial.unlink(missing_ok=True)  # ours, from a crash during an earlier creation
+    connection = sqlite3.connect(partial)
+    try:
+        connection.executescript(_SCHEMA)
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        connection.commit()
+    finally:
+        connection.close()
+    with open(partial, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class StateDB:
+    """All statements on one connection, serialised by a lock; every write is one transaction."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / FILE_NAME
+        if self.path.exists():
+            _check_existing(self.path)
+        else:
+            _create(self.path)
+        self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.execute("PRAGMA synchronous = FULL")
+        self._connection.execute("PRAGMA busy_timeout = 10000")
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._connection
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    # Writes -------------------------------------------------------------
+
+    def put_session(self, owner: str, name: str, spec: SessionSpec, created_at: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, 0, ?, ?)",
+                (owner, name, spec.to_proto().SerializeToString(deterministic=True), created_at, created_at),
+            )
+
+    def delete_session(self, owner: str, name: str) -> None:
+        with self._transaction() as db:
+            for table in ("sessions", "epochs", "snapshots"):
+                db.execute(f"DELETE FROM {table} WHERE owner = ? AND name = ?", (owner, name))
+
+    def commit_epoch(
+        self,
+        owner: str,
+        name: str,
+        epoch: int,
+        supervise: torch.Tensor | None,
+        statistics: Statistics,
+        history_bytes: int,
+    ) -> None:
+        """The session is now at ``epoch`` with S ``supervise`` and these statistics; older S beyond the budget go."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE sessions SET epoch = ?, updated_at = ? WHERE owner = ? AND name = ?", (epoch, now, owner, name)
+            )
+            if supervise is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?)", (owner, name, epoch, _blob(supervise), now)
+                )
+                self._trim_history(db, owner, name, history_bytes)
+            self._write_statistics(db, owner, name, statistics)
+
+    def _trim_history(self, db: sqlite3.Connection, owner: str, name: str, history_bytes: int) -> None:
+        rows = db.execute(
+            "SELECT epoch, length(supervise) FROM epochs WHERE owner = ? AND name = ? ORDER BY epoch DESC",
+            (owner, name),
+        ).fetchall()
+        kept = 0
+        for index, (epoch, size) in enumerate(rows):
+            kept += size
+            if index > 0 and kept > history_bytes:  # the newest S is always kept
+                db.execute("DELETE FROM epochs WHERE owner = ? AND name = ? AND epoch <= ?", (owner, name, epoch))
+                return
+
+    def put_statistics(self, owner: str, name: str, updated_at: float, statistics: Statistics) -> None:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE sessions SET updated_at = ? WHERE owner = ? AND name = ?", (updated_at, owner, name)
+            )
+            if cursor.rowcount:  # else deleted meanwhile: leave no orphan snapshot
+                self._write_statistics(db, owner, name, statistics)
+
+    def _write_statistics(self, db: sqlite3.Connection, owner: str, name: str, statistics: Statistics) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                owner,
+                name,
+                statistics.epoch,
+                None if statistics.accumulator is None else _blob(statistics.accumulator),
+                None if statistics.counts is None else _blob(statistics.counts),
+                statistics.samples,
+                statistics.correct,
+                statistics.samples_lost,
+                json.dumps({str(rank): ids for rank, ids in statistics.applied.items()}),
+                statistics.taken_at,
+            ),
+        )
+
+    # Reads --------------------------------------------------------------
+
+    def names(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(row[0], row[1]) for row in self._connection.execute("SELECT owner, name FROM sessions")]
+
+    def most_recent_first(self) -> list[tuple[str, str]]:
+        with self._lock:
+            rows = self._connection.execute("SELECT owner, name FROM sessions ORDER BY updated_at DESC")
+            return [(row[0], row[1]) for row in rows]
+
+    def history(self, owner: str, name: str) -> list[int]:
+        """The epochs whose S is kept, ascending."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT epoch FROM epochs WHERE owner = ? AND name = ? ORDER BY epoch", (owner, name)
+            )
+            return [row[0] for row in rows]
+
+    def load(self, owner: str, name: str) -> StoredSession | None:
+        with self._lock:
+            db = self._connection
+            row = db.execute(
+                "SELECT spec, epoch, created_at, updated_at FROM sessions WHERE owner = ? AND name = ?", (owner, name)
+            ).fetchone()
+            if row is None:
+                return None
+            message = pb.SessionSpec()
+            message.ParseFromString(row[0])
+            spec = SessionSpec.from_proto(message)
+            epoch = int(row[1])
+            c = spec.n_classes
+            stored_s = db.execute(
+                "SELECT supervise FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
+            ).fetchone()
+            supervise = None if stored_s is None else _tensor(stored_s[0], np.dtype(np.float32), (c, c))
+            snap = db.execute(
+                "SELECT epoch, accumulator, counts, samples, correct, samples_lost, applied, taken_at "
+                "FROM snapshots WHERE owner = ? AND name = ?",
+                (owner, name),
+            ).fetchone()
+        statistics = None
+        if snap is not None and snap[0] == epoch:
+            applied = {int(rank): [(str(i), str(f)) for i, f in ids] for rank, ids in json.loads(snap[6]).items()}
+            statistics = Statistics(
+                epoch=epoch,
+                accumulator=None if snap[1] is None else _tensor(snap[1], np.dtype(np.float64), (c, c)),
+                counts=None if snap[2] is None else _tensor(snap[2], np.dtype(np.int64), (c,)),
+                samples=int(snap[3]),
+                correct=int(snap[4]),
+                samples_lost=int(snap[5]),
+                applied=applied,
+                taken_at=float(snap[7]),
+            )
+        return StoredSession(owner, name, spec, epoch, float(row[2]), float(row[3]), supervise, statistics)
