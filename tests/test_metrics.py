@@ -65,7 +65,8 @@ def streams_ended(samples: Samples, code: str) -> float:
 
 
 def wait_for(server: EmbeddedServer, check: Callable[[Samples], bool], timeout: float = 5.0) -> Samples:
-    """Scrape until ``check(samples)`` holds: the server counts a stream's end after the client has gone."""
+    """Scrape until ``check(samples)`` holds: the server counts a stream's end, or an aborted call,
+    after the client has its answer."""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(server)
@@ -89,7 +90,8 @@ def test_unary_calls_are_counted_by_rpc_and_the_code_the_client_saw(metered: Emb
         logits, _ = batch(8)
         with pytest.raises(lossd.InvalidArgumentError):
             client.compute_loss("ce", logits, torch.full((8,), 7), stream=False)  # label 7 of 4 classes
-    samples = scrape(metered)
+    # abort() sends the status before the interceptor's count runs: wait for the last refusal to be counted.
+    samples = wait_for(metered, lambda s: requests(s, "ComputeLoss", "INVALID_ARGUMENT") == 1)
     assert requests(samples, "CreateSession", "OK") == 1
     assert requests(samples, "ComputeLoss", "OK") == 3
     assert requests(samples, "ComputeLoss", "INVALID_ARGUMENT") == 1
@@ -190,7 +192,8 @@ def test_a_refused_token_is_counted_as_unauthenticated(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as missing:
             stub.GetSession(pb.GetSessionRequest(name="x"), timeout=5, metadata=metadata)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        samples = scrape(server)
+        # abort() sends the status before the interceptor's count runs: wait for the refusal to be counted.
+        samples = wait_for(server, lambda s: requests(s, "GetSession", "NOT_FOUND") == 1)
         assert requests(samples, "GetSession", "UNAUTHENTICATED") == 1
         assert requests(samples, "GetSession", "NOT_FOUND") == 1
 

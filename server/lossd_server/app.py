@@ -72,6 +72,8 @@ async def start(settings: Settings) -> Running:
     identify = identify_from(settings)
     credentials = server_credentials(settings)
     device = resolve_device(settings.device)
+    # A damaged store file fails here too; it is checked read-only and left as it is.
+    store = open_store(settings, device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="lossd-math")
@@ -84,7 +86,6 @@ async def start(settings: Settings) -> Running:
         interceptors=[ErrorInterceptor()] if metrics is None else [metrics.interceptor(), ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
-    store = open_store(settings, device)
     servicer = LossServicer(
         store, executor, identify, on_training_samples=metrics.add_samples if metrics is not None else None
     )
