@@ -1,6 +1,6 @@
 """Median time of one loss forward+backward: torch's local label smoothing vs lossd's modules.
 
-    python bench/remote_step.py [--device cpu|cuda]
+    python bench/remote_step.py [--device cpu|cuda] [--store sqlite|memory]
 
 Starts `lossd serve` in a child process on the same device and talks to it over
 TCP loopback, so client and server are separate processes as in training. A
@@ -42,6 +42,7 @@ def median_ms(step: Callable[[], None], device: torch.device, repeats: int = 50)
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite", help="the server's store")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(1)
@@ -59,6 +60,8 @@ def main() -> None:
             "1",
             "--matrix-memory-bytes",
             str(16 << 30),
+            "--store",
+            args.store,
             "--state-dir",
             tempfile.mkdtemp(prefix="lossd-bench-"),
         ],

@@ -38,7 +38,22 @@ DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_CPU = DOCKER / "compose.cpu.yaml"
 COMPOSE_TLS = DOCKER / "compose.tls.yaml"
-COMPOSE_FILES = (COMPOSE, COMPOSE_CPU, COMPOSE_TLS)
+COMPOSE_TOKENS = DOCKER / "compose.tokens.yaml"
+COMPOSE_FILES = (COMPOSE, COMPOSE_CPU, COMPOSE_TOKENS, COMPOSE_TLS)
+# compose.yaml, then the overrides in the documented order (cpu, tokens, tls); each must still validate.
+COMBINATIONS = [
+    (COMPOSE,),
+    (COMPOSE, COMPOSE_CPU),
+    (COMPOSE, COMPOSE_TOKENS),
+    (COMPOSE, COMPOSE_TLS),
+    (COMPOSE, COMPOSE_TOKENS, COMPOSE_TLS),
+    (COMPOSE, COMPOSE_CPU, COMPOSE_TOKENS),
+    (COMPOSE, COMPOSE_CPU, COMPOSE_TOKENS, COMPOSE_TLS),
+]
+TOKEN_SECRET = "lossd_tokens"
+# Settings that name a file inside the container, which compose.yaml alone cannot provide.
+FILE_SETTINGS = ("LOSSD_TOKEN_FILE", "LOSSD_TLS_CERT", "LOSSD_TLS_KEY", "LOSSD_TLS_CLIENT_CA")
+SERVER_GRACE_PROMISE = 10.0  # seconds: the server stops within this by default
 SERVICE = "lossd"
 LOSSD_VARIABLE = re.compile(r"\bLOSSD_[A-Z0-9_]+\b")
 HEALTHCHECK_TIMEOUT = 60
@@ -444,6 +459,7 @@ def test_ports_publish_on_loopback_by_default(gpu: dict[str, Any], dockerfile: l
 
 def test_stop_grace_period_outlasts_the_servers_grace(gpu: dict[str, Any]) -> None:
     grace = float(environment(gpu).get("LOSSD_GRACE_SECONDS", Settings.model_fields["grace_seconds"].default))
+    assert grace <= SERVER_GRACE_PROMISE, f"LOSSD_GRACE_SECONDS={grace}: shutdown is promised within 10 s"
     assert duration_seconds(str(gpu["stop_grace_period"])) >= grace + 5
 
 
@@ -466,7 +482,7 @@ def test_every_lossd_variable_is_a_setting() -> None:
             assert field in fields, f"{path.name}: {name} is not a Settings field (no Settings.{field})"
 
 
-@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_CPU), (COMPOSE, COMPOSE_CPU, COMPOSE_TLS)])
+@pytest.mark.parametrize("files", COMBINATIONS, ids=lambda files: "+".join(path.stem for path in files))
 def test_environment_is_valid_settings(
     files: tuple[Path, ...], dockerfile: list[Instruction], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,16 +494,21 @@ def test_environment_is_valid_settings(
     Settings()  # the server would refuse to start on a value it cannot parse
 
 
-def test_secret_files_are_declared_mounted_and_ignored() -> None:
-    merged = compose(*COMPOSE_FILES)
+def _secrets_attached(service: dict[str, Any]) -> set[str]:
+    return {item if isinstance(item, str) else item["source"] for item in service.get("secrets") or []}
+
+
+@pytest.mark.parametrize("files", COMBINATIONS, ids=lambda files: "+".join(path.stem for path in files))
+def test_secret_files_are_declared_mounted_and_ignored(files: tuple[Path, ...]) -> None:
+    merged = compose(*files)
     service = merged["services"][SERVICE]
-    attached = {item if isinstance(item, str) else item["source"] for item in service.get("secrets") or []}
+    attached = _secrets_attached(service)
     declared = merged.get("secrets") or {}
+    assert attached <= set(declared), f"secrets mounted but not declared: {sorted(attached - set(declared))}"
     for key, value in environment(service).items():
         if value.startswith("/run/secrets/"):
             name = value.removeprefix("/run/secrets/")
             assert name in attached, f"{key} points at secret {name}, which the service does not mount"
-            assert name in declared, f"secret {name} is not declared"
     git = shutil.which("git")
     for name, secret in declared.items():
         path = (DOCKER / with_defaults(secret["file"])).resolve()
@@ -499,6 +520,105 @@ def test_secret_files_are_declared_mounted_and_ignored() -> None:
         if git is not None and (ROOT / ".git").exists():
             ignored = subprocess.run([git, "check-ignore", "-q", relative], cwd=ROOT, check=False, timeout=30)
             assert ignored.returncode == 0, f"secret {name} ({relative}) is not git-ignored"
+
+
+def test_tokens_override_mounts_the_token_file() -> None:
+    tokens = load_compose(COMPOSE_TOKENS)
+    service = tokens["services"][SERVICE]
+    assert environment(service) == {"LOSSD_TOKEN_FILE": f"/run/secrets/{TOKEN_SECRET}"}
+    assert _secrets_attached(service) == {TOKEN_SECRET}
+    assert with_defaults(tokens["secrets"][TOKEN_SECRET]["file"]) == "./tokens"  # docker/tokens, as the README says
+    # The override adds tokens and nothing else: ports, devices and volume stay compose.yaml's.
+    assert set(service) == {"environment", "secrets"}
+    for files in COMBINATIONS:
+        merged = compose(*files)["services"][SERVICE]
+        with_tokens = COMPOSE_TOKENS in files
+        assert ("LOSSD_TOKEN_FILE" in environment(merged)) == with_tokens, [path.name for path in files]
+        assert (TOKEN_SECRET in _secrets_attached(merged)) == with_tokens, [path.name for path in files]
+
+
+def _is_bind_source(source: str) -> bool:
+    return source.startswith((".", "/", "~", "$")) or "/" in source
+
+
+def referenced_host_files(path: Path) -> list[Path]:
+    """Every host path one compose file makes compose read or mount, ``${VAR:-default}`` at its default:
+    secret and config files, env_file, bind-mount sources, the build context and Dockerfile."""
+    document = load_compose(path)
+    base = path.parent
+    found: list[str] = []
+    for section in ("secrets", "configs"):
+        for entry in (document.get(section) or {}).values():
+            if isinstance(entry, dict) and "file" in entry:
+                found.append(str(entry["file"]))
+    for service in (document.get("services") or {}).values():
+        env_files = service.get("env_file") or []
+        for env_file in [env_files] if isinstance(env_files, str) else env_files:
+            found.append(env_file if isinstance(env_file, str) else env_file["path"])
+        for volume in service.get("volumes") or []:
+            if isinstance(volume, str):
+                source = volume.split(":")[0]
+                if ":" in volume and _is_bind_source(source):
+                    found.append(source)
+            elif volume.get("type") == "bind":
+                found.append(volume["source"])
+        build = service.get("build")
+        if isinstance(build, str):
+            build = {"context": build}
+        if isinstance(build, dict):
+            context = with_defaults(str(build.get("context", ".")))
+            found.append(context)
+            found.append(str(Path(context) / with_defaults(str(build.get("dockerfile", "Dockerfile")))))
+    return [(base / with_defaults(item)).resolve() for item in found]
+
+
+def _in_a_fresh_checkout(path: Path) -> bool:
+    """Whether ``path`` is part of the repository rather than a file the operator creates."""
+    if not path.exists():
+        return False
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists() or not path.resolve().is_relative_to(ROOT):
+        return True
+    relative = path.resolve().relative_to(ROOT).as_posix()
+    ignored = subprocess.run([git, "check-ignore", "-q", relative], cwd=ROOT, check=False, timeout=30)
+    return ignored.returncode != 0  # an ignored path (docker/tokens, docker/tls/) is the operator's
+
+
+def test_compose_yaml_alone_needs_no_file_the_operator_creates() -> None:
+    # `docker compose -f docker/compose.yaml up -d` must work in a fresh checkout.
+    document = load_compose(COMPOSE)
+    service = document["services"][SERVICE]
+    assert not document.get("secrets") and not service.get("secrets"), "secrets belong in an override file"
+    assert not document.get("configs") and not service.get("configs")
+    assert not service.get("env_file"), "an env_file must exist; compose reads docker/.env by itself when present"
+    for key in FILE_SETTINGS:
+        assert key not in environment(service), f"{key} names a file compose.yaml alone does not provide"
+    references = referenced_host_files(COMPOSE)
+    assert DOCKERFILE in references  # the scan sees what compose.yaml does reference
+    for path in references:
+        assert _in_a_fresh_checkout(path), f"compose.yaml needs {path}, which a fresh checkout does not have"
+
+
+def test_referenced_host_files_finds_secrets_and_bind_mounts(tmp_path: Path) -> None:
+    # The scan above must see the kinds of reference that would break a fresh checkout.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(
+        "services:\n"
+        "  lossd:\n"
+        "    image: lossd\n"
+        "    env_file: [./extra.env]\n"
+        "    volumes: [lossd-state:/var/lib/lossd, ./certs:/certs:ro, {type: bind, source: /srv/x, target: /x}]\n"
+        "    secrets: [lossd_tokens]\n"
+        "secrets:\n"
+        "  lossd_tokens:\n"
+        "    file: ${TOKENS_FILE:-./tokens}\n",
+        encoding="utf-8",
+    )
+    found = set(referenced_host_files(broken))
+    expected = {tmp_path / "extra.env", tmp_path / "certs", Path("/srv/x").resolve(), tmp_path / "tokens"}
+    assert found == {path.resolve() for path in expected}
+    assert not _in_a_fresh_checkout(tmp_path / "tokens")
+    assert not _in_a_fresh_checkout(DOCKER / "tokens") or not (DOCKER / "tokens").exists()
 
 
 def test_bind_mounted_files_exist() -> None:
@@ -516,7 +636,8 @@ def test_cpu_variant_reserves_no_gpu(dockerfile: list[Instruction]) -> None:
     assert environment(cpu)["LOSSD_DEVICE"] == "cpu"
     gpu = compose(COMPOSE)["services"][SERVICE]
     # Same volume, ports and secrets: the variants are interchangeable on one host.
-    assert cpu["volumes"] == gpu["volumes"] and cpu["ports"] == gpu["ports"] and cpu["secrets"] == gpu["secrets"]
+    assert cpu["volumes"] == gpu["volumes"] and cpu["ports"] == gpu["ports"]
+    assert cpu.get("secrets") == gpu.get("secrets")
 
 
 def _docker_compose() -> list[str] | None:
@@ -555,13 +676,23 @@ def test_docker_compose_renders_the_files(gpu_count: str) -> None:
         rendered: dict[str, Any] = json.loads(done.stdout)["services"][SERVICE]
         return rendered
 
-    (device,) = devices(render(COMPOSE))
+    def secrets(service: dict[str, Any]) -> set[str]:
+        return {secret["source"] for secret in service.get("secrets") or []}
+
+    default = render(COMPOSE)
+    (device,) = devices(default)
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert device["count"] == (-1 if gpu_count == "all" else 1)  # compose writes "all" as -1
+    assert secrets(default) == set() and "LOSSD_TOKEN_FILE" not in default["environment"]
     cpu = render(COMPOSE, COMPOSE_CPU)
     assert devices(cpu) == [] and cpu["environment"]["LOSSD_DEVICE"] == "cpu"
-    tls = render(COMPOSE, COMPOSE_CPU, COMPOSE_TLS)
-    assert {secret["source"] for secret in tls["secrets"]} == {"lossd_tokens", "lossd_tls_cert", "lossd_tls_key"}
+    tokens = render(COMPOSE, COMPOSE_TOKENS)
+    assert secrets(tokens) == {TOKEN_SECRET}
+    assert tokens["environment"]["LOSSD_TOKEN_FILE"] == f"/run/secrets/{TOKEN_SECRET}"
+    assert len(devices(tokens)) == 1
+    everything = render(COMPOSE, COMPOSE_CPU, COMPOSE_TOKENS, COMPOSE_TLS)
+    assert secrets(everything) == {TOKEN_SECRET, "lossd_tls_cert", "lossd_tls_key"}
+    assert devices(everything) == [] and everything["environment"]["LOSSD_DEVICE"] == "cpu"
 
 
 # --- the README's settings table ----------------------------------------------------------

@@ -224,7 +224,13 @@ class DurableStore:
         """After LoadState: S, statistics and epoch, committed together."""
         statistics, changes = session.statistics()
         self._db.commit_epoch(
-            owner, session.name, statistics.epoch, session.soft_labels_cpu(), statistics, self._history_bytes
+            owner,
+            session.name,
+            statistics.epoch,
+            session.soft_labels_cpu(),
+            statistics,
+            self._history_bytes,
+            replaced=True,
         )
         session.snapshot_at = statistics.taken_at
         self._progress.reset(owner, session.name, statistics.epoch, statistics.samples)

@@ -197,10 +197,18 @@ class StateDB:
         supervise: torch.Tensor | None,
         statistics: Statistics,
         history_bytes: int,
+        *,
+        replaced: bool = False,
     ) -> None:
-        """The session is now at ``epoch`` with S ``supervise`` and these statistics; older S beyond the budget go."""
+        """The session is now at ``epoch`` with S ``supervise`` and these statistics; older S beyond the budget go.
+
+        ``replaced``: the state was loaded from elsewhere (LoadState), so any kept S of
+        later epochs belongs to a history that no longer leads here and is dropped.
+        """
         now = time.time()
         with self._transaction() as db:
+            if replaced:
+                db.execute("DELETE FROM epochs WHERE owner = ? AND name = ? AND epoch > ?", (owner, name, epoch))
             db.execute(
                 "UPDATE sessions SET epoch = ?, updated_at = ? WHERE owner = ? AND name = ?", (epoch, now, owner, name)
             )
