@@ -617,8 +617,9 @@ def test_referenced_host_files_finds_secrets_and_bind_mounts(tmp_path: Path) -> 
     found = set(referenced_host_files(broken))
     expected = {tmp_path / "extra.env", tmp_path / "certs", Path("/srv/x").resolve(), tmp_path / "tokens"}
     assert found == {path.resolve() for path in expected}
-    assert not _in_a_fresh_checkout(tmp_path / "tokens")
-    assert not _in_a_fresh_checkout(DOCKER / "tokens") or not (DOCKER / "tokens").exists()
+    assert not _in_a_fresh_checkout(tmp_path / "tokens")  # missing
+    assert not _in_a_fresh_checkout(DOCKER / "tokens")  # missing, or the operator's git-ignored file
+    assert _in_a_fresh_checkout(DOCKERFILE)
 
 
 def test_bind_mounted_files_exist() -> None:
