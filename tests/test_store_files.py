@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import lossd
+from lossd_server.batch import Batch
 from lossd_server.config import Settings
 from lossd_server.durable import DurableStore
 from lossd_server.embedded import EmbeddedServer
+from lossd_server.session import Session, StateSnapshot
 from lossd_server.statedb import FILE_NAME, StoreFileError
 
 C = 64
@@ -171,3 +173,111 @@ def test_the_history_of_soft_labels_keeps_to_its_byte_budget(tmp_path: Path, bud
         store = server._running.store  # type: ignore[union-attr]
         assert isinstance(store, DurableStore)
         assert store._db.history("", "history") == kept
+
+
+# Races between the snapshot thread and changes of state, driven directly on the store.
+
+LOOSE = {"snapshot_seconds": 3600.0}  # no periodic snapshots: each test takes the ones it needs
+
+
+def ols_spec() -> lossd.SessionSpec:
+    return lossd.SessionSpec(
+        kind="online_label_smoothing",
+        n_classes=C,
+        smoothing=0.1,
+        convention="off_target",
+        alpha=0.5,
+        init="label_smoothing",
+        empty_class="keep",
+    )
+
+
+def apply(session: Session, seeds: range) -> None:
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, C, (20,), generator=generator)
+        logits = torch.randn(20, C, generator=generator) + 3 * F.one_hot(labels, C)
+        session.compute(Batch(logits, labels), training=True, need_grad=False)
+
+
+def crash(store: DurableStore) -> None:
+    """What kill -9 leaves: no final snapshot, the directory lock released by the kernel."""
+    store._stop.set()
+    store._thread.join()
+    store._db.close()
+    store._progress.close()
+    os.close(store._lock_fd)
+
+
+def test_a_snapshot_taken_before_a_delete_never_lands_in_the_session_recreated_under_the_name(tmp_path: Path) -> None:
+    store = open_store(tmp_path, **LOOSE)
+    old, _ = store.create("", "run", ols_spec())
+    apply(old, range(5))
+    stale, _ = old.statistics()  # the snapshot thread has read the old statistics ...
+    store.delete("", "run")
+    new, created = store.create("", "run", ols_spec())
+    store._save(("", "run"), old, stale)  # ... and writes them only now
+    assert created and new.samples_this_epoch == 0
+    store.close()
+    store = open_store(tmp_path, **LOOSE)
+    try:
+        assert store.get("", "run").samples_this_epoch == 0
+    finally:
+        store.close()
+
+
+def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path: Path) -> None:
+    store = open_store(tmp_path, **LOOSE)
+    session, _ = store.create("", "run", ols_spec())
+    apply(session, range(2))
+    older, _ = session.statistics()
+    apply(session, range(2, 4))
+    newer, _ = session.statistics()
+    store._save(("", "run"), session, newer)
+    session.saved_changes = -1  # as if the older write had not been seen yet
+    store._save(("", "run"), session, older)
+    crash(store)
+    store = open_store(tmp_path, **LOOSE)
+    try:
+        assert store.get("", "run").samples_this_epoch == 4 * 20
+    finally:
+        store.close()
+
+
+def test_a_deleted_session_cannot_finish_an_epoch_and_the_store_still_opens(tmp_path: Path) -> None:
+    store = open_store(tmp_path, **LOOSE)
+    old, _ = store.create("", "run", ols_spec())
+    apply(old, range(3))
+    store.delete("", "run")
+    with pytest.raises(lossd.NotFoundError, match="deleted"):
+        old.arrive(0, 0).result(timeout=5)
+    store.create("", "run", lossd.SessionSpec(kind="cross_entropy", n_classes=4))
+    store.close()
+    store = open_store(tmp_path, **LOOSE)
+    try:
+        assert store.get("", "run").spec.kind == "cross_entropy"
+    finally:
+        store.close()
+
+
+def test_an_acknowledged_load_state_survives_a_crash(tmp_path: Path) -> None:
+    store = open_store(tmp_path, **LOOSE)
+    session, _ = store.create("", "run", ols_spec())
+    apply(session, range(3))
+    store._save(("", "run"), session, session.statistics()[0])
+    generator = torch.Generator().manual_seed(9)
+    supervise = torch.rand(C, C, generator=generator).softmax(dim=0)
+    counts = torch.zeros(C, dtype=torch.int64)
+    counts[:3] = 2
+    accumulator = torch.zeros(C, C, dtype=torch.float64)
+    accumulator[:3] = 1.0
+    session.restore(StateSnapshot(4, supervise, accumulator, counts, 7))
+    crash(store)
+    store = open_store(tmp_path, **LOOSE)
+    try:
+        state = store.get("", "run").snapshot()
+        assert (state.epoch, state.samples_this_epoch) == (4, 7)
+        assert torch.equal(state.soft_labels, supervise)
+        assert torch.equal(state.accumulator, accumulator) and torch.equal(state.counts, counts)
+    finally:
+        store.close()

@@ -25,17 +25,13 @@ from pathlib import Path
 
 import torch
 
-from lossd._exceptions import (
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from lossd._exceptions import LossdError, NotFoundError, ResourceExhaustedError, UnavailableError
 from lossd._spec import SessionSpec
 from lossd_server.config import Settings
 from lossd_server.progress import ProgressFiles
 from lossd_server.replay import ReplayLimits
 from lossd_server.session import Session, SessionView
-from lossd_server.statedb import StateDB, Statistics, StoreFileError
+from lossd_server.statedb import SessionGone, StateDB, Statistics, StoreFileError
 from lossd_server.store import MemoryStore, SessionStore, StoreStats, check_capacity, check_name, reuse
 
 log = logging.getLogger("lossd_server.durable")
@@ -68,13 +64,6 @@ class DurableStore:
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._lock_fd = _lock_directory(directory)
-        try:
-            self._db = StateDB(directory)
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
-        self._progress = ProgressFiles(directory / "progress")
         self._device = device
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
@@ -84,9 +73,21 @@ class DurableStore:
         self._snapshot_seconds = snapshot_seconds
         self._lock = threading.RLock()
         self._resident: dict[Key, Session] = {}
-        self._saved_changes: dict[Key, int] = {}  # Session.changes as of its last snapshot
-        self._known: set[Key] = set(self._db.names())
-        self._load_at_startup()
+        self._closed = False
+        self._lock_fd = _lock_directory(directory)
+        try:
+            self._db = StateDB(directory)
+            try:
+                self._known: set[Key] = set(self._db.names())
+                self._progress = ProgressFiles(directory / "progress")
+                self._progress.keep_only(self._db.incarnations())
+                self._load_at_startup()
+            except BaseException:
+                self._db.close()
+                raise
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._snapshot_loop, name="lossd-snapshots", daemon=True)
         self._thread.start()
@@ -127,11 +128,15 @@ class DurableStore:
         )
 
     def _attach(self, key: Key, session: Session) -> Session:
-        owner, name = key
-        session.on_epoch = lambda s, epoch, supervise: self._commit_epoch(owner, name, epoch, supervise)
+        owner = key[0]
+        session.on_epoch = lambda s, new, supervise: self._commit(owner, s, new, supervise, replaced=False)
+        session.on_replace = lambda s, new, supervise: self._commit(owner, s, new, supervise, replaced=True)
         self._resident[key] = session
-        self._saved_changes[key] = session.changes
         return session
+
+    def _seen(self, incarnation: str, epoch: int) -> int | None:
+        progress = self._progress.read(incarnation)
+        return progress[1] if progress is not None and progress[0] == epoch else None
 
     def _load(self, key: Key) -> Session:
         """Called under the store lock."""
@@ -139,9 +144,7 @@ class DurableStore:
         if stored is None:
             raise NotFoundError(f"session {key[1]!r} not found")
         self._check_capacity(key[1], stored.spec, new=False)
-        progress = self._progress.read(*key)
-        seen = progress[1] if progress is not None and progress[0] == stored.epoch else None
-        session = Session.from_stored(stored, self._device, self._replay, seen)
+        session = Session.from_stored(stored, self._device, self._replay, self._seen(stored.incarnation, stored.epoch))
         self._attach(key, session)
         if session.samples_lost:
             log.warning(
@@ -151,17 +154,33 @@ class DurableStore:
                 session.epoch,
                 extra={"session": key[1], "epoch": session.epoch, "samples_lost": session.samples_lost},
             )
-            self._saved_changes[key] = -1  # record the loss in the next snapshot
+            session.changes += 1  # record the loss in the next snapshot
         return session
 
-    def _commit_epoch(self, owner: str, name: str, epoch: int, supervise: torch.Tensor | None) -> None:
-        """Under the session's lock, before any rank is told: the new epoch is on disk or nothing changes."""
-        empty = Statistics(epoch, None, None, 0, 0, 0, {}, time.time())
+    def _commit(
+        self, owner: str, session: Session, new: Statistics, supervise: torch.Tensor | None, *, replaced: bool
+    ) -> None:
+        """Under the session's lock, before anyone is told: the new state is on disk or nothing changes."""
         try:
-            self._db.commit_epoch(owner, name, epoch, supervise, empty, self._history_bytes)
+            self._db.commit_epoch(
+                owner,
+                session.name,
+                session.incarnation,
+                new.epoch,
+                supervise,
+                new,
+                self._history_bytes,
+                replaced=replaced,
+            )
+        except SessionGone:
+            raise NotFoundError(f"session {session.name!r} was deleted") from None
         except Exception as error:
-            log.exception("could not commit epoch %d of session %r", epoch, name)
-            raise UnavailableError(f"could not make epoch {epoch} of session {name!r} durable: {error}") from error
+            log.exception("could not make the new state of session %r durable", session.name)
+            raise UnavailableError(
+                f"could not make epoch {new.epoch} of session {session.name!r} durable: {error}"
+            ) from error
+        if replaced:  # the count of samples seen restarts from the loaded state
+            self._progress.reset(session.incarnation, new.epoch, new.samples)
 
     # SessionStore ----------------------------------------------------------------
 
@@ -170,10 +189,10 @@ class DurableStore:
         key = (owner, name)
         with self._lock:
             if key in self._resident or key in self._known:
-                return reuse(self._resident.get(key) or self._load(key), spec), False
+                return reuse(self.get(owner, name), spec), False
             self._check_capacity(name, spec, new=True)
             session = Session(name, spec, self._device, self._replay)
-            self._db.put_session(owner, name, spec, session.created_at)
+            self._db.put_session(owner, name, session.incarnation, spec, session.created_at)
             self._known.add(key)
             return self._attach(key, session), True
 
@@ -181,11 +200,12 @@ class DurableStore:
         key = (owner, name)
         with self._lock:
             session = self._resident.get(key)
-            if session is not None:
-                return session
-            if key not in self._known:
-                raise NotFoundError(f"session {name!r} not found")
-            return self._load(key)
+            if session is None:
+                if key not in self._known:
+                    raise NotFoundError(f"session {name!r} not found")
+                session = self._load(key)
+            session.last_used = time.time()
+            return session
 
     def list(self, owner: str) -> list[SessionView]:
         with self._lock:
@@ -197,9 +217,10 @@ class DurableStore:
             if session is not None:
                 views.append(session.view())
                 continue
-            stored = self._db.load(*key)
-            if stored is not None:  # deleted meanwhile otherwise
-                views.append(Session.from_stored(stored, torch.device("cpu"), self._replay, None).view())
+            stored = self._db.summary(*key)  # no matrices read for a session out of memory
+            if stored is not None:  # else deleted meanwhile
+                seen = self._seen(stored.incarnation, stored.epoch)
+                views.append(Session.from_stored(stored, torch.device("cpu"), self._replay, seen).view())
         return views
 
     def delete(self, owner: str, name: str) -> Session | None:
@@ -207,66 +228,60 @@ class DurableStore:
         with self._lock:
             if key not in self._known:
                 raise NotFoundError(f"session {name!r} not found")
+            session = self._resident.pop(key, None)
+            incarnation = None
+            if session is not None:
+                # Retired first: a call still holding it can no longer change or save anything.
+                session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
+                session.retire(NotFoundError(f"session {name!r} was deleted"))
+                incarnation = session.incarnation
+            else:
+                stored = self._db.summary(owner, name)
+                incarnation = stored.incarnation if stored is not None else None
             self._db.delete_session(owner, name)
             self._known.discard(key)
-            self._saved_changes.pop(key, None)
-            session = self._resident.pop(key, None)
-            self._progress.forget(owner, name)
-        if session is not None:
-            session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
-            session.retire(NotFoundError(f"session {name!r} was deleted"))
+            if incarnation is not None:
+                self._progress.release(incarnation, delete=True)
         return session
 
     def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
-        self._progress.record(owner, session.name, epoch, samples)
-
-    def persist(self, owner: str, session: Session) -> None:
-        """After LoadState: S, statistics and epoch, committed together."""
-        statistics, changes = session.statistics()
-        self._db.commit_epoch(
-            owner,
-            session.name,
-            statistics.epoch,
-            session.soft_labels_cpu(),
-            statistics,
-            self._history_bytes,
-            replaced=True,
-        )
-        session.snapshot_at = statistics.taken_at
-        self._progress.reset(owner, session.name, statistics.epoch, statistics.samples)
-        with self._lock:
-            if self._resident.get((owner, session.name)) is session:
-                self._saved_changes[owner, session.name] = changes
+        """Best effort: the batch is applied already, so a failure here must not fail (and resend) it."""
+        if session.retired:
+            return
+        try:
+            self._progress.record(session.incarnation, epoch, samples)
+        except OSError:
+            log.exception("could not record progress of session %r; samples_lost may read low", session.name)
 
     def stats(self) -> StoreStats:
         now = time.time()
         with self._lock:
-            sessions = list(self._resident.items())
-            unsaved = [s for key, s in sessions if s.changes != self._saved_changes.get(key)]
+            sessions = list(self._resident.values())
             count, used = len(self._known), self._used_bytes()
+        unsaved = [s for s in sessions if s.changes != s.saved_changes]
         oldest = min((s.snapshot_at or s.created_at for s in unsaved), default=now)
         return StoreStats(sessions=count, matrix_bytes=used, snapshot_age_seconds=max(0.0, now - oldest))
 
     # Snapshots and idle sessions -------------------------------------------------
 
-    def _snapshot(self, key: Key, session: Session) -> None:
-        statistics, changes = session.statistics()
-        if changes == self._saved_changes.get(key):
+    def _save(self, key: Key, session: Session, statistics: Statistics) -> None:
+        """Write a snapshot; versioned by Session.changes, so one taken earlier never overwrites a later one."""
+        if statistics.changes == session.saved_changes:
             return
-        self._db.put_statistics(key[0], key[1], session.updated_at, statistics)
-        session.snapshot_at = statistics.taken_at
-        with self._lock:
-            if self._resident.get(key) is session:
-                self._saved_changes[key] = changes
+        self._db.put_statistics(key[0], key[1], session.incarnation, statistics.epoch, session.updated_at, statistics)
+        if statistics.changes > session.saved_changes:
+            session.saved_changes = statistics.changes
+            session.snapshot_at = statistics.taken_at
 
     def snapshot_all(self) -> None:
         with self._lock:
             sessions = list(self._resident.items())
         for key, session in sessions:
             try:
-                self._snapshot(key, session)
-            except UnavailableError:
-                pass  # retired meanwhile: whoever retired it saved it
+                statistics, _ = session.statistics()
+                self._save(key, session, statistics)
+            except LossdError:
+                pass  # retired meanwhile (moved out of memory, deleted): whoever retired it saved it
             except Exception:
                 log.exception("snapshot of session %r failed; will retry", key[1])
 
@@ -275,26 +290,27 @@ class DurableStore:
             return
         cutoff = time.time() - self._idle_ttl
         with self._lock:
-            idle = [(key, s) for key, s in self._resident.items() if s.updated_at < cutoff and not s.waiting()]
+            idle = [(k, s) for k, s in self._resident.items() if max(s.last_used, s.updated_at) < cutoff]
         for key, session in idle:
-            self._retire(key, session, UnavailableError(f"session {key[1]!r} moved out of memory; call again"))
-            log.info("session %r idle since %.0f: moved to the store", key[1], session.updated_at)
+            if not session.waiting():
+                self._retire(key, session, UnavailableError(f"session {key[1]!r} moved out of memory; call again"))
 
-    def _retire(self, key: Key, session: Session, error: UnavailableError) -> None:
+    def _retire(self, key: Key, session: Session, error: UnavailableError) -> bool:
         """Take the session out of memory with its final statistics saved; if saving fails it stays."""
         with self._lock:
             if self._resident.get(key) is not session:
-                return
-            statistics, changes = session.retire_with_statistics(error)
+                return True
+            statistics, _ = session.retire_with_statistics(error)
             try:
-                if changes != self._saved_changes.get(key):
-                    self._db.put_statistics(key[0], key[1], session.updated_at, statistics)
+                self._save(key, session, statistics)
             except Exception:
                 session.unretire()
                 log.exception("could not save session %r; keeping it in memory", key[1])
-                return
+                return False
             del self._resident[key]
-            self._saved_changes.pop(key, None)
+            self._progress.release(session.incarnation)
+        log.info("session %r moved out of memory", key[1], extra={"session": key[1]})
+        return True
 
     def _snapshot_loop(self) -> None:
         while not self._stop.wait(self._snapshot_seconds):
@@ -302,13 +318,22 @@ class DurableStore:
             self._evict_idle()
 
     def close(self) -> None:
-        """Retire every session with its statistics saved, then release the directory."""
+        """Retire every session with its statistics saved, then release the directory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
         self._thread.join()
         with self._lock:
             sessions = list(self._resident.items())
-        for key, session in sessions:
-            self._retire(key, session, UnavailableError("the server is shutting down; call again on the next one"))
+        failed = [
+            key[1]
+            for key, session in sessions
+            if not self._retire(key, session, UnavailableError("the server is shutting down; call again"))
+        ]
+        if failed:
+            log.error("statistics of sessions %s could not be saved at shutdown", failed, extra={"sessions": failed})
         self._db.close()
         self._progress.close()
         os.close(self._lock_fd)

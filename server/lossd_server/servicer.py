@@ -288,7 +288,6 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 samples_this_epoch=message.samples_this_epoch,
             )
         )
-        self._store.persist(owner, session)  # acknowledged only once durable
         return session_message(session.view())
 
     async def LoadState(self, request: pb.LoadStateRequest, context: aio.ServicerContext) -> pb.Session:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,9 +26,10 @@ from lossd_server.batch import Batch
 from lossd_server.replay import ReplayLimits, ReplayLog
 from lossd_server.statedb import Statistics, StoredSession
 
-# Called under the session lock when an epoch finishes, before the new state is
-# published: (session, new epoch, new S or None). If it raises, nothing changes.
-EpochHook = Callable[["Session", int, "torch.Tensor | None"], None]
+# Called under the session lock before a new state is published: when an epoch
+# finishes, or LoadState replaces the state. Receives the new state's statistics
+# and S (None for stateless kinds). If it raises, nothing changes.
+DurableHook = Callable[["Session", Statistics, "torch.Tensor | None"], None]
 
 
 def state_bytes(spec: SessionSpec) -> int:
@@ -92,10 +94,14 @@ class Session:
         # Durability: training ids whose statistics are in the accumulator (so a snapshot
         # carries them), a counter of changes since the last snapshot, and what a crash lost.
         self._applied: dict[int, OrderedDict[str, str]] = {}
-        self.changes = 0
+        self.incarnation = uuid.uuid4().hex  # this creation of the name, as the store keys it
+        self.changes = 0  # bumped by every change of state; never goes down
+        self.saved_changes = 0  # what the store last made durable
         self.samples_lost = 0
         self.snapshot_at = 0.0
-        self.on_epoch: EpochHook | None = None
+        self.last_used = time.time()
+        self.on_epoch: DurableHook | None = None
+        self.on_replace: DurableHook | None = None
         self._retired: LossdError | None = None
         # The barrier of the current epoch: who has called next_epoch, and what they wait on.
         self._ranks_finished: set[int] = set()
@@ -181,6 +187,10 @@ class Session:
     def _check_live(self) -> None:
         if self._retired is not None:
             raise self._retired
+
+    @property
+    def retired(self) -> bool:
+        return self._retired is not None
 
     def waiting(self) -> bool:
         """Whether ranks wait in next_epoch (such a session must stay in memory)."""
@@ -323,14 +333,17 @@ class Session:
         if self._ols:
             assert self.spec.empty_class is not None
             soft_labels = F.next_soft_labels(self._accumulator, self._counts, self._soft_labels, self.spec.empty_class)
+        new = Statistics(self.epoch + 1, None, None, 0, 0, 0, {}, time.time(), self.changes + 1)
         if self.on_epoch is not None:
-            self.on_epoch(self, self.epoch + 1, soft_labels)  # durable before anyone is told
+            self.on_epoch(self, new, None if soft_labels is None else soft_labels.to("cpu"))  # durable first
+            self.saved_changes, self.snapshot_at = new.changes, new.taken_at
         if soft_labels is not None:
             self._soft_labels = soft_labels
             self._accumulator.zero_()
             self._counts.zero_()
         self.samples_lost = 0
-        self.changes += 1
+        self.changes = new.changes
+        self._applied.clear()  # ids of the finished epoch: its requests are refused by their epoch tag now
         self.epoch += 1
         self._generation += 1
         self.samples_this_epoch = 0
@@ -358,12 +371,9 @@ class Session:
                 self.samples_lost,
                 applied,
                 time.time(),
+                self.changes,
             )
             return statistics, self.changes
-
-    def soft_labels_cpu(self) -> torch.Tensor | None:
-        with self._lock:
-            return self._soft_labels.to("cpu", copy=True) if self._ols else None
 
     @classmethod
     def from_stored(
@@ -375,6 +385,7 @@ class Session:
         what it exceeds the snapshot by is what the crash lost.
         """
         session = cls(stored.name, stored.spec, device, replay)
+        session.incarnation = stored.incarnation
         session.created_at, session.updated_at = stored.created_at, stored.updated_at
         session.epoch = stored.epoch
         if session._ols and stored.supervise is not None:
@@ -387,6 +398,7 @@ class Session:
             session.samples_this_epoch, session.correct_this_epoch = statistics.samples, statistics.correct
             session.snapshot_at = statistics.taken_at
             session.samples_lost = statistics.samples_lost
+            session.changes = session.saved_changes = statistics.changes
             for rank, ids in statistics.applied.items():
                 applied = session._applied.setdefault(rank, OrderedDict())
                 for request_id, fingerprint in ids:
@@ -419,8 +431,23 @@ class Session:
     def restore(self, state: StateSnapshot) -> None:
         """Replace the whole state. ``state`` must already be validated by :func:`check_state`."""
         check_state(self.spec, state)
+        correct = int(state.counts.sum()) if self._ols else 0
         with self._lock:
             self._check_live()
+            new = Statistics(
+                state.epoch,
+                state.accumulator.to("cpu", torch.float64) if self._ols else None,
+                state.counts.to("cpu", torch.int64) if self._ols else None,
+                state.samples_this_epoch,
+                correct,
+                0,
+                {},
+                time.time(),
+                self.changes + 1,
+            )
+            if self.on_replace is not None:  # durable before it is acknowledged, or nothing changes
+                self.on_replace(self, new, state.soft_labels.to("cpu", torch.float32) if self._ols else None)
+                self.saved_changes, self.snapshot_at = new.changes, new.taken_at
             self._release_waiters(
                 AbortedError(
                     f"the state of session {self.name!r} was replaced while ranks waited in next_epoch; call it again"
@@ -434,11 +461,11 @@ class Session:
                 self._counts = state.counts.to(self.device, torch.int64, copy=True)
             self.epoch = state.epoch
             self.samples_this_epoch = state.samples_this_epoch
-            self.correct_this_epoch = int(state.counts.sum()) if self._ols else 0
+            self.correct_this_epoch = correct
             self.updated_at = time.time()
             self.samples_lost = 0
             self._applied.clear()
-            self.changes += 1
+            self.changes = new.changes
 
 
 def check_state(spec: SessionSpec, state: StateSnapshot) -> None:

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sessions (
     owner TEXT NOT NULL, name TEXT NOT NULL,
+    incarnation TEXT NOT NULL,     -- new each time the name is created: writes for a deleted one miss
     spec BLOB NOT NULL,            -- lossd.v1.SessionSpec, canonical
     epoch INTEGER NOT NULL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL,
@@ -55,6 +56,7 @@ CREATE TABLE snapshots (
     samples INTEGER NOT NULL, correct INTEGER NOT NULL, samples_lost INTEGER NOT NULL,
     applied TEXT NOT NULL,         -- JSON {rank: [[request_id, fingerprint], ...]}
     taken_at REAL NOT NULL,
+    changes INTEGER NOT NULL,      -- Session.changes it reflects: an older snapshot never overwrites a newer
     PRIMARY KEY (owner, name)
 );
 """
@@ -62,6 +64,10 @@ CREATE TABLE snapshots (
 
 class StoreFileError(OSError):
     """The store file is not a lossd store, or is damaged. Nothing was changed."""
+
+
+class SessionGone(LookupError):
+    """The session (this incarnation of the name) was deleted: nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,14 @@ class Statistics:
     samples_lost: int
     applied: dict[int, list[tuple[str, str]]]
     taken_at: float
+    changes: int
 
 
 @dataclass(frozen=True)
 class StoredSession:
     owner: str
     name: str
+    incarnation: str
     spec: SessionSpec
     epoch: int
     created_at: float
@@ -166,10 +174,13 @@ class StateDB:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
                 yield self._connection
+                self._connection.execute("COMMIT")
             except BaseException:
-                self._connection.execute("ROLLBACK")
+                # SQLite may have rolled back already (an I/O error); never leave one open.
+                if self._connection.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._connection.execute("ROLLBACK")
                 raise
-            self._connection.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -177,12 +188,17 @@ class StateDB:
 
     # Writes -------------------------------------------------------------
 
-    def put_session(self, owner: str, name: str, spec: SessionSpec, created_at: float) -> None:
+    def put_session(self, owner: str, name: str, incarnation: str, spec: SessionSpec, created_at: float) -> None:
+        spec_bytes = spec.to_proto().SerializeToString(deterministic=True)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, 0, ?, ?)",
-                (owner, name, spec.to_proto().SerializeToString(deterministic=True), created_at, created_at),
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, 0, ?, ?)",
+                (owner, name, incarnation, spec_bytes, created_at, created_at),
             )
+
+    def incarnations(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._connection.execute("SELECT incarnation FROM sessions")}
 
     def delete_session(self, owner: str, name: str) -> None:
         with self._transaction() as db:
@@ -193,6 +209,7 @@ class StateDB:
         self,
         owner: str,
         name: str,
+        incarnation: str,
         epoch: int,
         supervise: torch.Tensor | None,
         statistics: Statistics,
@@ -207,11 +224,14 @@ class StateDB:
         """
         now = time.time()
         with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE sessions SET epoch = ?, updated_at = ? WHERE owner = ? AND name = ? AND incarnation = ?",
+                (epoch, now, owner, name, incarnation),
+            )
+            if not cursor.rowcount:
+                raise SessionGone(name)
             if replaced:
                 db.execute("DELETE FROM epochs WHERE owner = ? AND name = ? AND epoch > ?", (owner, name, epoch))
-            db.execute(
-                "UPDATE sessions SET epoch = ?, updated_at = ? WHERE owner = ? AND name = ?", (epoch, now, owner, name)
-            )
             if supervise is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?)", (owner, name, epoch, _blob(supervise), now)
@@ -231,17 +251,26 @@ class StateDB:
                 db.execute("DELETE FROM epochs WHERE owner = ? AND name = ? AND epoch <= ?", (owner, name, epoch))
                 return
 
-    def put_statistics(self, owner: str, name: str, updated_at: float, statistics: Statistics) -> None:
+    def put_statistics(
+        self, owner: str, name: str, incarnation: str, epoch: int, updated_at: float, statistics: Statistics
+    ) -> None:
+        """A snapshot of the current epoch; skipped if the session moved on to another epoch or was deleted."""
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE sessions SET updated_at = ? WHERE owner = ? AND name = ?", (updated_at, owner, name)
+                "UPDATE sessions SET updated_at = max(updated_at, ?) "
+                "WHERE owner = ? AND name = ? AND incarnation = ? AND epoch = ?",
+                (updated_at, owner, name, incarnation, epoch),
             )
-            if cursor.rowcount:  # else deleted meanwhile: leave no orphan snapshot
+            if cursor.rowcount:
                 self._write_statistics(db, owner, name, statistics)
 
     def _write_statistics(self, db: sqlite3.Connection, owner: str, name: str, statistics: Statistics) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO UPDATE SET "
+            "epoch = excluded.epoch, accumulator = excluded.accumulator, counts = excluded.counts, "
+            "samples = excluded.samples, correct = excluded.correct, samples_lost = excluded.samples_lost, "
+            "applied = excluded.applied, taken_at = excluded.taken_at, changes = excluded.changes "
+            "WHERE excluded.changes > snapshots.changes",
             (
                 owner,
                 name,
@@ -253,6 +282,7 @@ class StateDB:
                 statistics.samples_lost,
                 json.dumps({str(rank): ids for rank, ids in statistics.applied.items()}),
                 statistics.taken_at,
+                statistics.changes,
             ),
         )
 
@@ -279,7 +309,8 @@ class StateDB:
         with self._lock:
             db = self._connection
             row = db.execute(
-                "SELECT spec, epoch, created_at, updated_at FROM sessions WHERE owner = ? AND name = ?", (owner, name)
+                "SELECT spec, epoch, created_at, updated_at, incarnation FROM sessions WHERE owner = ? AND name = ?",
+                (owner, name),
             ).fetchone()
             if row is None:
                 return None
@@ -293,7 +324,7 @@ class StateDB:
             ).fetchone()
             supervise = None if stored_s is None else _tensor(stored_s[0], np.dtype(np.float32), (c, c))
             snap = db.execute(
-                "SELECT epoch, accumulator, counts, samples, correct, samples_lost, applied, taken_at "
+                "SELECT epoch, accumulator, counts, samples, correct, samples_lost, applied, taken_at, changes "
                 "FROM snapshots WHERE owner = ? AND name = ?",
                 (owner, name),
             ).fetchone()
@@ -309,5 +340,27 @@ class StateDB:
                 samples_lost=int(snap[5]),
                 applied=applied,
                 taken_at=float(snap[7]),
+                changes=int(snap[8]),
             )
-        return StoredSession(owner, name, spec, epoch, float(row[2]), float(row[3]), supervise, statistics)
+        return StoredSession(owner, name, str(row[4]), spec, epoch, float(row[2]), float(row[3]), supervise, statistics)
+
+    def summary(self, owner: str, name: str) -> StoredSession | None:
+        """What ListSessions shows, without reading any matrix (the tensors are None)."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT s.spec, s.epoch, s.created_at, s.updated_at, s.incarnation, "
+                "n.epoch, n.samples, n.correct, n.samples_lost, n.taken_at, n.changes "
+                "FROM sessions s LEFT JOIN snapshots n ON n.owner = s.owner AND n.name = s.name "
+                "WHERE s.owner = ? AND s.name = ?",
+                (owner, name),
+            ).fetchone()
+        if row is None:
+            return None
+        message = pb.SessionSpec()
+        message.ParseFromString(row[0])
+        epoch = int(row[1])
+        statistics = None
+        if row[5] is not None and int(row[5]) == epoch:
+            statistics = Statistics(epoch, None, None, int(row[6]), int(row[7]), int(row[8]), {}, row[9], row[10])
+        spec = SessionSpec.from_proto(message)
+        return StoredSession(owner, name, str(row[4]), spec, epoch, row[2], row[3], None, statistics)

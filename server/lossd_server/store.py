@@ -89,9 +89,6 @@ class SessionStore(Protocol):
     def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
         """After each training batch: how many samples the epoch has seen, so a crash can report its loss."""
 
-    def persist(self, owner: str, session: Session) -> None:
-        """Make the session's whole state durable now (after LoadState replaced it)."""
-
     def close(self) -> None:
         """Persist what is held in memory and release the store."""
 
@@ -157,9 +154,6 @@ class MemoryStore:
 
     def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
         """Nothing survives a restart here, so there is nothing to report."""
-
-    def persist(self, owner: str, session: Session) -> None:
-        """Memory sessions end with the server."""
 
     def close(self) -> None:
         """Nothing to persist: memory sessions end with the server."""
