@@ -45,6 +45,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]
         yield running
 
 
+def ols_spec(n_classes: int) -> lossd.SessionSpec:
+    """The spec an ``OnlineLabelSmoothing(0.5, n_classes)`` module creates, with every default filled in."""
+    return lossd.SessionSpec(
+        kind="online_label_smoothing",
+        n_classes=n_classes,
+        smoothing=0.1,
+        convention="off_target",
+        alpha=0.5,
+        init="label_smoothing",
+        empty_class="keep",
+    )
+
+
 @pytest.fixture()
 def client(server: EmbeddedServer) -> Iterator[lossd.Client]:
     with lossd.Client(server.target, barrier_timeout=30) as connected:

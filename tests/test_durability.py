@@ -22,17 +22,10 @@ import torch
 
 import lossd
 from lossd import SessionSpec
+from tests.conftest import ols_spec
 
 C, N = 10, 32
-SPEC = SessionSpec(
-    kind="online_label_smoothing",
-    n_classes=C,
-    smoothing=0.1,
-    convention="off_target",
-    alpha=0.5,
-    init="label_smoothing",
-    empty_class="keep",
-)
+SPEC = ols_spec(C)
 
 
 class Served:

@@ -21,6 +21,7 @@ from lossd_server.durable import DurableStore
 from lossd_server.embedded import EmbeddedServer
 from lossd_server.session import Session, StateSnapshot
 from lossd_server.statedb import FILE_NAME, StoreFileError
+from tests.conftest import ols_spec
 
 C = 64
 
@@ -180,18 +181,6 @@ def test_the_history_of_soft_labels_keeps_to_its_byte_budget(tmp_path: Path, bud
 LOOSE = {"snapshot_seconds": 3600.0}  # no periodic snapshots: each test takes the ones it needs
 
 
-def ols_spec() -> lossd.SessionSpec:
-    return lossd.SessionSpec(
-        kind="online_label_smoothing",
-        n_classes=C,
-        smoothing=0.1,
-        convention="off_target",
-        alpha=0.5,
-        init="label_smoothing",
-        empty_class="keep",
-    )
-
-
 def apply(session: Session, seeds: range) -> None:
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
@@ -211,11 +200,11 @@ def crash(store: DurableStore) -> None:
 
 def test_a_snapshot_taken_before_a_delete_never_lands_in_the_session_recreated_under_the_name(tmp_path: Path) -> None:
     store = open_store(tmp_path, **LOOSE)
-    old, _ = store.create("", "run", ols_spec())
+    old, _ = store.create("", "run", ols_spec(C))
     apply(old, range(5))
     stale, _ = old.statistics()  # the snapshot thread has read the old statistics ...
     store.delete("", "run")
-    new, created = store.create("", "run", ols_spec())
+    new, created = store.create("", "run", ols_spec(C))
     store._save(("", "run"), old, stale)  # ... and writes them only now
     assert created and new.samples_this_epoch == 0
     store.close()
@@ -228,7 +217,7 @@ def test_a_snapshot_taken_before_a_delete_never_lands_in_the_session_recreated_u
 
 def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path: Path) -> None:
     store = open_store(tmp_path, **LOOSE)
-    session, _ = store.create("", "run", ols_spec())
+    session, _ = store.create("", "run", ols_spec(C))
     apply(session, range(2))
     older, _ = session.statistics()
     apply(session, range(2, 4))
@@ -246,7 +235,7 @@ def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path: Path) -> None:
 
 def test_a_deleted_session_cannot_finish_an_epoch_and_the_store_still_opens(tmp_path: Path) -> None:
     store = open_store(tmp_path, **LOOSE)
-    old, _ = store.create("", "run", ols_spec())
+    old, _ = store.create("", "run", ols_spec(C))
     apply(old, range(3))
     store.delete("", "run")
     with pytest.raises(lossd.NotFoundError, match="deleted"):
@@ -262,7 +251,7 @@ def test_a_deleted_session_cannot_finish_an_epoch_and_the_store_still_opens(tmp_
 
 def test_an_acknowledged_load_state_survives_a_crash(tmp_path: Path) -> None:
     store = open_store(tmp_path, **LOOSE)
-    session, _ = store.create("", "run", ols_spec())
+    session, _ = store.create("", "run", ols_spec(C))
     apply(session, range(3))
     store._save(("", "run"), session, session.statistics()[0])
     generator = torch.Generator().manual_seed(9)

@@ -107,6 +107,12 @@ def _tensor(blob: bytes, dtype: np.dtype[np.generic], shape: tuple[int, ...]) ->
     return torch.from_numpy(np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape).copy())
 
 
+def _spec(blob: bytes) -> SessionSpec:
+    message = pb.SessionSpec()
+    message.ParseFromString(blob)
+    return SessionSpec.from_proto(message)
+
+
 def _check_existing(path: Path) -> None:
     """Read-only checks: a damaged or foreign file is reported and left exactly as it is."""
     try:
@@ -314,10 +320,7 @@ class StateDB:
             ).fetchone()
             if row is None:
                 return None
-            message = pb.SessionSpec()
-            message.ParseFromString(row[0])
-            spec = SessionSpec.from_proto(message)
-            epoch = int(row[1])
+            spec, epoch = _spec(row[0]), int(row[1])
             c = spec.n_classes
             stored_s = db.execute(
                 "SELECT supervise FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
@@ -356,11 +359,8 @@ class StateDB:
             ).fetchone()
         if row is None:
             return None
-        message = pb.SessionSpec()
-        message.ParseFromString(row[0])
-        epoch = int(row[1])
+        spec, epoch = _spec(row[0]), int(row[1])
         statistics = None
         if row[5] is not None and int(row[5]) == epoch:
             statistics = Statistics(epoch, None, None, int(row[6]), int(row[7]), int(row[8]), {}, row[9], row[10])
-        spec = SessionSpec.from_proto(message)
         return StoredSession(owner, name, str(row[4]), spec, epoch, row[2], row[3], None, statistics)
