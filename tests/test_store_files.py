@@ -270,3 +270,10 @@ def test_an_acknowledged_load_state_survives_a_crash(tmp_path: Path) -> None:
         assert torch.equal(state.accumulator, accumulator) and torch.equal(state.counts, counts)
     finally:
         store.close()
+
+
+def test_the_store_is_private_to_the_servers_user(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    open_store(directory).close()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert (directory / FILE_NAME).stat().st_mode & 0o777 == 0o600

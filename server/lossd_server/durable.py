@@ -62,7 +62,7 @@ class DurableStore:
         history_bytes: int = 64 << 20,
         idle_ttl_seconds: float = 1800.0,
     ) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
         self._device = device
         self._replay = replay or ReplayLimits()

@@ -32,7 +32,7 @@ class _Handle:
 class ProgressFiles:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._open: dict[str, _Handle] = {}
         self._lock = threading.Lock()
 

@@ -140,6 +140,7 @@ def _check_existing(path: Path) -> None:
 def _create(path: Path) -> None:
     partial = path.with_name(path.name + ".creating")
     partial.unlink(missing_ok=True)  # ours, from a crash during an earlier creation
+    partial.touch(mode=0o600)  # tenants' state: readable by the server's user only (WAL files inherit it)
     connection = sqlite3.connect(partial)
     try:
         connection.executescript(_SCHEMA)
@@ -162,7 +163,7 @@ class StateDB:
     """All statements on one connection, serialised by a lock; every write is one transaction."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = directory / FILE_NAME
         if self.path.exists():
             _check_existing(self.path)
