@@ -146,7 +146,7 @@ def test_cuda_requested_without_cuda_is_refused(capsys: pytest.CaptureFixture[st
 
 def test_malloc_tuning_applies_on_glibc() -> None:
     # In a child process, so this test process keeps glibc's defaults.
-    code = "from lossd_server.malloc import tune_malloc; import sys; sys.exit(0 if tune_malloc() else 1)"
+    code = "from lossd._malloc import tune_malloc; import sys; sys.exit(0 if tune_malloc() else 1)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

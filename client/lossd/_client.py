@@ -17,6 +17,7 @@ from lossd import _codec
 from lossd._auth import BearerToken
 from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig, TLSConfig
 from lossd._exceptions import NotFoundError, UnavailableError, from_rpc_error
+from lossd._malloc import tune_client_once
 from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
 from lossd._stream import LossStream
@@ -93,6 +94,7 @@ class Client:
             token=token,
             tls=tls,
         )
+        tune_client_once()
         options = self.config.channel_options()
         if self.config.tls is None:
             channel = grpc.insecure_channel(self.config.target, options=options)

@@ -13,6 +13,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lossd._malloc import tune_malloc
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import __version__
@@ -21,7 +22,6 @@ from lossd_server.config import Settings
 from lossd_server.device import resolve_device
 from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
-from lossd_server.malloc import tune_malloc
 from lossd_server.metrics import ServerMetrics
 from lossd_server.servicer import LossServicer
 from lossd_server.store import SessionStore

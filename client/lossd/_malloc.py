@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -31,3 +32,20 @@ def tune_malloc(mmap_threshold: int = 256 * MiB, trim_threshold: int = 512 * MiB
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     settings = ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_TOP_PAD, top_pad))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+_tuned_for_client = False
+
+
+def tune_client_once() -> None:
+    """The client moves the same megabyte buffers per step (encode, serialise, decode), so it gains as much.
+
+    Applied once per process when the first Client is made; ``LOSSD_TUNE_MALLOC=false``
+    (the variable the server reads too) leaves the process's malloc alone.
+    """
+    global _tuned_for_client
+    if _tuned_for_client:
+        return
+    _tuned_for_client = True
+    if os.environ.get("LOSSD_TUNE_MALLOC", "true").strip().lower() not in ("0", "false", "no", "off"):
+        tune_malloc()
