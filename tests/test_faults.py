@@ -172,6 +172,8 @@ def train_step(
 
 
 def ols(proxy: TcpProxy, name: str, **connection: Any) -> lossd.OnlineLabelSmoothing:
+    # The cuts fall at byte offsets inside tensors, so the tensors must cross the socket (not shared memory).
+    connection.setdefault("shared_memory", False)
     return lossd.OnlineLabelSmoothing(ALPHA, C, EPS, session=name, target=proxy.target, **connection)
 
 

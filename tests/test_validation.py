@@ -837,10 +837,10 @@ def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedServer]:
     """A server whose request decoding raises RuntimeError for the session named 'boom'."""
     real = servicer_module.decode_batch
 
-    def decode_batch(request: pb.LossRequest, spec: lossd.SessionSpec) -> Any:
+    def decode_batch(request: pb.LossRequest, spec: lossd.SessionSpec, segment: Any = None) -> Any:
         if request.session == "boom":
             raise RuntimeError(SENTINEL)
-        return real(request, spec)
+        return real(request, spec, segment)
 
     monkeypatch.setattr(servicer_module, "decode_batch", decode_batch)
     with EmbeddedServer(embedded_settings()) as running:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import uuid
 import weakref
@@ -38,14 +39,14 @@ class _Connection:
         self._stream: LossStream | None = None
         self._lock = threading.Lock()
 
-    def stream(self, stub: pb_grpc.LossServiceStub, timeout: float | None) -> LossStream:
+    def stream(self, stub: pb_grpc.LossServiceStub, timeout: float | None, shared_memory_limit: int = 0) -> LossStream:
         with self._lock:
             if self.closed:
                 raise RuntimeError("this lossd.Client is closed")
             if self._stream is None or not self._stream.usable:
                 if self._stream is not None:
                     self._stream.close()  # ends its reader thread
-                self._stream = LossStream(stub, timeout)
+                self._stream = LossStream(stub, timeout, shared_memory_limit=shared_memory_limit)
             return self._stream
 
     def close(self) -> None:
@@ -72,6 +73,11 @@ class Client:
     ``tls``: a :class:`lossd.TLSConfig`, ``True`` (TLS with the system's CAs and
     any ``LOSSD_TLS_*`` variables), ``False`` (plaintext), or None: TLS exactly
     when a ``LOSSD_TLS_*`` variable is set. Arguments win over the environment.
+
+    ``shared_memory`` (default True): when the server runs on the same host (or in a
+    container sharing this IPC namespace), the loss stream passes the tensors through a
+    POSIX shared-memory segment instead of the socket; it falls back to inline bytes
+    by itself when the server cannot map the segment. See docs/shared-memory.md.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class Client:
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
         token: str | None = None,
         tls: TLSConfig | bool | None = None,
+        shared_memory: bool = True,
     ) -> None:
         self.config = ClientConfig.resolve(
             target,
@@ -93,6 +100,7 @@ class Client:
             barrier_timeout=barrier_timeout,
             token=token,
             tls=tls,
+            shared_memory=shared_memory,
         )
         tune_client_once()
         options = self.config.channel_options()
@@ -182,13 +190,51 @@ class Client:
         request = pb.LoadStateRequest(session=session, state=state.to_proto())
         return SessionInfo.from_proto(self._call(self._stub.LoadState, request))
 
+    # Epoch-cached mode ------------------------------------------------------------
+
+    def get_soft_labels(self, session: str) -> tuple[int, torch.Tensor]:
+        """(epoch, supervise): the current epoch and its C x C float32 soft labels, column k for class k."""
+        message = self._call(self._stub.GetSoftLabels, pb.GetStateRequest(session=session))
+        return message.epoch, _codec.decode(message.supervise, "supervise").clone()
+
+    def add_statistics(
+        self,
+        session: str,
+        *,
+        epoch: int,
+        classes: torch.Tensor,
+        rows: torch.Tensor,
+        counts: torch.Tensor,
+        samples: int,
+        correct: int,
+        rank: int = 0,
+        request_id: str | None = None,
+    ) -> SessionInfo:
+        """Add locally accumulated OLS statistics to ``epoch``: ``rows[j]`` ([K, C] float64) is the summed
+        softmax of the ``counts[j]`` correctly predicted samples of class ``classes[j]``.
+
+        Applied once per (session, rank, request_id), so it is retried on UNAVAILABLE under the same id.
+        """
+        request = pb.StatisticsRequest(
+            session=session,
+            rank=rank,
+            epoch=epoch,
+            request_id=request_id or uuid.uuid4().hex,
+            classes=_codec.encode(classes),
+            rows=_codec.encode(rows),
+            counts=_codec.encode(counts),
+            samples=samples,
+            correct=correct,
+        )
+        return SessionInfo.from_proto(self._call(self._stub.AddStatistics, request))
+
     # Losses ---------------------------------------------------------------
 
     @staticmethod
     def _loss_request(
         session: str,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
+        logits: torch.Tensor | None,
+        labels: torch.Tensor | None,
         training: bool,
         need_grad: bool,
         request_id: str | None,
@@ -197,8 +243,8 @@ class Client:
     ) -> pb.LossRequest:
         request = pb.LossRequest(
             session=session,
-            logits=_codec.encode(logits),
-            labels=_codec.encode(labels),
+            logits=None if logits is None else _codec.encode(logits),
+            labels=None if labels is None else _codec.encode(labels),
             training=training,
             need_grad=need_grad,
             request_id=request_id or uuid.uuid4().hex,
@@ -228,14 +274,22 @@ class Client:
         client's bidirectional stream; ``False`` makes one unary call. Either way a
         resend after UNAVAILABLE keeps the request id, so it is applied once.
         """
-        request = self._loss_request(session, logits, labels, training, need_grad, request_id, rank, epoch)
         if not stream:
+            request = self._loss_request(session, logits, labels, training, need_grad, request_id, rank, epoch)
             return LossResult.from_proto(self._call(self._stub.ComputeLoss, request))
-        return LossResult.from_proto(self.config.retry.run(lambda: self._open_stream().call(request), self.target))
+        # The stream fills the tensors in per attempt: a reopened stream may have shared memory or not.
+        request = self._loss_request(session, None, None, training, need_grad, request_id, rank, epoch)
+        return self.config.retry.run(lambda: self._stream_loss(request, logits, labels), self.target)
+
+    def _stream_loss(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
+        response, grad = self._open_stream().call_tensors(request, logits, labels)
+        result = LossResult.from_proto(response)
+        return result if grad is None else dataclasses.replace(result, scaled_grad=grad)
 
     def _open_stream(self) -> LossStream:
         self._check_open()
-        return self._connection.stream(self._stub, self.config.timeout)
+        limit = self.config.max_message_bytes if self.config.shared_memory else 0
+        return self._connection.stream(self._stub, self.config.timeout, limit)
 
     # Lifecycle --------------------------------------------------------------
 

@@ -111,6 +111,8 @@ class ClientConfig:
     barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT
     token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
     tls: TLSConfig | None = None
+    # Same-host shared-memory transport for the loss stream, when the server can map the client's segment.
+    shared_memory: bool = True
 
     @classmethod
     def resolve(
@@ -123,6 +125,7 @@ class ClientConfig:
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
         token: str | None = None,
         tls: TLSConfig | bool | None = None,
+        shared_memory: bool = True,
     ) -> ClientConfig:
         """Arguments win over the environment: the target comes from the argument, else ``LOSSD_TARGET``,
         else ``localhost:50051``; the token and TLS as :func:`resolve_token` and :func:`resolve_tls` say."""
@@ -134,6 +137,7 @@ class ClientConfig:
             barrier_timeout=barrier_timeout,
             token=resolve_token(token),
             tls=resolve_tls(tls),
+            shared_memory=shared_memory,
         )
 
     def channel_options(self) -> list[tuple[str, int | str]]:

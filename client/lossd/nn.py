@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
@@ -19,15 +20,18 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from lossd import _codec
+from lossd import _codec, functional
+from lossd._cached import EpochCache, check_labels, local_gradient
 from lossd._client import Client
 from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_TIMEOUT, TLSConfig
 from lossd._distributed import barrier_if_initialised, resolve_ranks
-from lossd._exceptions import NotFoundError
+from lossd._exceptions import InvalidArgumentError, NotFoundError
 from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
 from lossd._types import SessionInfo, SessionState
 from lossd.functional import DEFAULT_IGNORE_INDEX, EmptyClassPolicy, OlsInit, Reduction, compute_dtype
+
+log = logging.getLogger("lossd")
 
 
 class _RemoteLoss(torch.autograd.Function):
@@ -70,6 +74,42 @@ class _RemoteLoss(torch.autograd.Function):
         return _codec.unscale_gradient(grad, ctx.grad_exponent, scale), None, None, None, None
 
 
+class _CachedLoss(_RemoteLoss):
+    """Epoch-cached OLS: the server's math on the epoch's S, computed here; backward as the remote path's."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        module: OnlineLabelSmoothing,
+        need_grad: bool,
+        loss_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        cache = module._epoch_cache()
+        spec = module.spec
+        assert spec.alpha is not None
+        labels = labels.detach().to(device=logits.device, dtype=torch.int64)
+        check_labels(labels, spec)
+        output = functional.online_label_smoothing(
+            logits.detach().contiguous(),
+            labels,
+            cache.soft_labels(module._epoch, logits.device),
+            alpha=spec.alpha,
+            weight=cache.weight(logits.device),
+            ignore_index=spec.ignore_index,
+            reduction=spec.reduction,
+            need_grad=need_grad,
+        )
+        if not bool(torch.isfinite(output.loss).all()) and not bool(torch.isfinite(logits).all()):
+            raise InvalidArgumentError("logits: contains NaN or infinity")
+        if module.training:
+            cache.record(output, labels, module._epoch)
+        ctx.grad, ctx.grad_exponent = (None, 0) if output.grad is None else local_gradient(output.grad, logits.dtype)
+        ctx.per_sample = spec.reduction == "none"
+        return output.loss.to(device=logits.device, dtype=loss_dtype)
+
+
 def _private_name() -> str:
     return f"private-{uuid.uuid4().hex}"
 
@@ -88,7 +128,8 @@ class RemoteLoss(nn.Module):
     ``session=None`` creates a private session that is deleted on :meth:`close`;
     a named session outlives the module, and a module created with the name of an
     existing session (same spec) joins it as it stands. The connection options
-    (``timeout``, ``retry_deadline``, ``barrier_timeout``, ``token``, ``tls``) are those of :class:`lossd.Client`.
+    (``timeout``, ``retry_deadline``, ``barrier_timeout``, ``token``, ``tls``, ``shared_memory``) are those
+    of :class:`lossd.Client`.
     """
 
     # Whether requests carry the module's epoch, so the server refuses them once the epoch is over.
@@ -106,6 +147,7 @@ class RemoteLoss(nn.Module):
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
         token: str | None = None,
         tls: TLSConfig | bool | None = None,
+        shared_memory: bool = True,
         rank: int = 0,
     ) -> None:
         super().__init__()
@@ -121,6 +163,7 @@ class RemoteLoss(nn.Module):
                 barrier_timeout=barrier_timeout,
                 token=token,
                 tls=tls,
+                shared_memory=shared_memory,
             )
             self._connect(client, owns_client=True)
         else:
@@ -148,6 +191,7 @@ class RemoteLoss(nn.Module):
             client=None,
             _finalizer=None,
             _reconnect=(config.target, config.timeout, config.retry.deadline, config.barrier_timeout, config.tls),
+            _shared_memory=config.shared_memory,
         )
         return state
 
@@ -155,6 +199,7 @@ class RemoteLoss(nn.Module):
         # Modules pickled before TLS support carry four settings.
         target, timeout, retry_deadline, barrier_timeout, *tls = state.pop("_reconnect")
         token = state.pop("_token", None)
+        shared_memory = state.pop("_shared_memory", True)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         if self._private:
             self.session = _private_name()
@@ -165,6 +210,7 @@ class RemoteLoss(nn.Module):
             barrier_timeout=barrier_timeout,
             token=token,
             tls=(tls[0] or False) if tls else None,  # the original's TLS settings, plaintext included
+            shared_memory=shared_memory,
         )
         self._connect(client, owns_client=True)
 
@@ -213,14 +259,20 @@ class RemoteLoss(nn.Module):
         autocast = logits.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(logits.device.type)
         loss_dtype = compute_dtype(logits.dtype) if autocast else logits.dtype
         try:
-            loss: torch.Tensor = _RemoteLoss.apply(logits, labels, self, need_grad, loss_dtype)  # type: ignore[no-untyped-call]
+            loss = self._loss(logits, labels, need_grad, loss_dtype)
         except NotFoundError:
             if self.spec.kind == "online_label_smoothing":
                 raise  # its soft labels are gone: recreating it would silently restart OLS
             # A stateless session lost with a server restart holds nothing to lose.
             self._create_session(logits.shape[1])
-            loss = _RemoteLoss.apply(logits, labels, self, need_grad, loss_dtype)  # type: ignore[no-untyped-call]
+            loss = self._loss(logits, labels, need_grad, loss_dtype)
         return unflatten(loss) if self.spec.reduction == "none" else loss
+
+    def _loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, need_grad: bool, loss_dtype: torch.dtype
+    ) -> torch.Tensor:
+        loss: torch.Tensor = _RemoteLoss.apply(logits, labels, self, need_grad, loss_dtype)  # type: ignore[no-untyped-call]
+        return loss
 
     def close(self) -> None:
         """Close the channel (if this module opened it) and delete a private session."""
@@ -333,6 +385,13 @@ class OnlineLabelSmoothing(RemoteLoss):
     RANK / WORLD_SIZE variables torchrun sets. :meth:`next_epoch` is then a
     barrier: S is published once every rank has finished the epoch, from all
     their batches.
+
+    ``cached=True`` selects the epoch-cached mode (see docs/cached-mode.md): S is
+    fetched once per epoch and the loss and gradient are computed in this process
+    with the server's own functions, bit for bit; this epoch's statistics are
+    accumulated here in float64 and uploaded in the background every
+    ``upload_every`` training steps or ``upload_seconds`` seconds (None: only at
+    :meth:`next_epoch`, which uploads the rest before it arrives at the barrier).
     """
 
     _epoch_tagged = True
@@ -350,8 +409,17 @@ class OnlineLabelSmoothing(RemoteLoss):
         weight: torch.Tensor | None = None,
         world_size: int | None = None,
         rank: int | None = None,
+        cached: bool = False,
+        upload_every: int | None = 100,
+        upload_seconds: float | None = 10.0,
         **connection: Any,
     ) -> None:
+        if upload_every is not None and upload_every < 1:
+            raise ValueError(f"upload_every: expected a positive number of steps or None but got {upload_every}")
+        if upload_seconds is not None and upload_seconds <= 0:
+            raise ValueError(f"upload_seconds: expected a positive number of seconds or None but got {upload_seconds}")
+        self.cached, self.upload_every, self.upload_seconds = cached, upload_every, upload_seconds
+        self._cache: EpochCache | None = None
         world_size, rank = resolve_ranks(world_size, rank)
         if world_size > 1 and connection.get("session") is None:
             raise ValueError(
@@ -374,6 +442,46 @@ class OnlineLabelSmoothing(RemoteLoss):
         super().__init__(spec, rank=rank, **connection)
         self.a, self.n_classes = alpha, n_classes
 
+    # Epoch-cached mode ----------------------------------------------------------------
+
+    def _epoch_cache(self) -> EpochCache:
+        if self._cache is None:
+            self._cache = EpochCache(
+                self.client,
+                self.session,
+                self.spec,
+                self.rank,
+                upload_every=self.upload_every,
+                upload_seconds=self.upload_seconds,
+            )
+        return self._cache
+
+    def _loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, need_grad: bool, loss_dtype: torch.dtype
+    ) -> torch.Tensor:
+        if not self.cached:
+            return super()._loss(logits, labels, need_grad, loss_dtype)
+        loss: torch.Tensor = _CachedLoss.apply(logits, labels, self, need_grad, loss_dtype)  # type: ignore[no-untyped-call]
+        return loss
+
+    def flush(self) -> None:
+        """Cached mode: upload this epoch's statistics recorded so far and wait until the server applied them."""
+        if self._cache is not None:
+            self._cache.flush()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy starts with no cached S and no statistics: those not uploaded belong to the original.
+        return {**super().__getstate__(), "_cache": None}
+
+    def close(self) -> None:
+        """Cached mode: upload what is left (best effort), then close as remote modules do."""
+        if self._cache is not None and not self._private and not self.client.closed:
+            try:
+                self._cache.flush(timeout=self.client.config.timeout)
+            except Exception as error:  # closing must not fail; say what was lost
+                log.warning("lossd: statistics of session %r not uploaded at close: %s", self.session, error)
+        super().close()
+
     def next_epoch(self) -> None:
         """Finish this module's epoch and publish the new soft labels.
 
@@ -381,7 +489,9 @@ class OnlineLabelSmoothing(RemoteLoss):
         client's ``barrier_timeout``; DeadlineExceededError then names the missing
         ranks). The server is told which epoch ends, so a repeat, a retry after a
         lost reply, or a second module on the same session never advances twice.
+        In cached mode the statistics still held here are uploaded (and applied) first.
         """
+        self.flush()
         self._epoch = self.client.next_epoch(self.session, self._epoch, rank=self.rank).epoch
 
     @property
@@ -390,6 +500,7 @@ class OnlineLabelSmoothing(RemoteLoss):
         return self.state().supervise
 
     def state(self) -> SessionState:
+        self.flush()  # cached mode: the statistics held here belong in the state
         state = self.client.get_state(self.session)
         self._epoch = state.epoch
         return state
@@ -453,6 +564,9 @@ class OnlineLabelSmoothing(RemoteLoss):
             counts = counts.round()
         epoch = state_dict.get(prefix + "epoch")
         samples = state_dict.get(prefix + "samples_this_epoch")
+        if self._cache is not None:  # as in remote mode, batches before the load count in the state it replaces
+            self._cache.flush()
+            self._cache.invalidate()
         if self.spec.world_size > 1 and self.rank != 0:
             # One shared state: rank 0 loads it, every rank waits for that before training on.
             self._epoch = int(epoch) if epoch is not None else self.info().epoch

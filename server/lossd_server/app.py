@@ -87,7 +87,11 @@ async def start(settings: Settings) -> Running:
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     servicer = LossServicer(
-        store, executor, identify, on_training_samples=metrics.add_samples if metrics is not None else None
+        store,
+        executor,
+        identify,
+        on_training_samples=metrics.add_samples if metrics is not None else None,
+        shared_memory_limit=limit if settings.shared_memory else 0,
     )
     if metrics is not None:
         metrics.watch(store.stats)

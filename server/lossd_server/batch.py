@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lossd import _codec
+from lossd import _codec, _shm
 from lossd._exceptions import InvalidArgumentError
 from lossd._spec import SessionSpec
 from lossd.v1 import loss_service_pb2 as pb
+from lossd_server import shared_memory
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -21,20 +22,22 @@ class Batch:
     labels: torch.Tensor  # [N] int64, on the CPU
 
 
-def _decode(message: pb.Tensor, field: str) -> torch.Tensor:
+def _decode(message: pb.Tensor, field: str, segment: _shm.Segment | None = None) -> torch.Tensor:
+    if message.HasField("shared"):  # same-host shared memory: the bytes are in the stream's segment
+        return shared_memory.decode(message, field, segment)
     try:
         return _codec.decode(message, field)
     except _codec.CodecError as error:
         raise InvalidArgumentError(str(error)) from None
 
 
-def decode_batch(request: pb.LossRequest, spec: SessionSpec) -> Batch:
+def decode_batch(request: pb.LossRequest, spec: SessionSpec, segment: _shm.Segment | None = None) -> Batch:
     if not request.HasField("logits"):
         raise InvalidArgumentError("logits: required")
     if not request.HasField("labels"):
         raise InvalidArgumentError("labels: required")
-    logits = _decode(request.logits, "logits")
-    labels = _decode(request.labels, "labels")
+    logits = _decode(request.logits, "logits", segment)
+    labels = _decode(request.labels, "labels", segment)
     if logits.dtype not in FLOAT_DTYPES:
         raise InvalidArgumentError(f"logits: expected float32, float16, bfloat16 or float64 but got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] != spec.n_classes:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="json writes one object per line.")
     tune_malloc: bool = Field(True, description="Raise glibc's mmap/trim thresholds for megabyte tensors.")
+    shared_memory: bool = Field(
+        True, description="Let same-host clients pass tensors through POSIX shared memory (/dev/shm)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @property

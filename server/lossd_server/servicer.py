@@ -8,7 +8,9 @@ next_epoch barrier wait on the event loop, not on a worker.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -16,14 +18,15 @@ from typing import TypeVar
 import torch
 from grpc import aio
 
-from lossd import _codec
+from lossd import _codec, _shm
 from lossd._exceptions import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
+from lossd_server import shared_memory
 from lossd_server.auth import Identify, anonymous
 from lossd_server.batch import decode_batch
 from lossd_server.errors import status_of
-from lossd_server.session import Session, SessionView, StateSnapshot
+from lossd_server.session import Session, SessionView, StateSnapshot, Upload, check_upload
 from lossd_server.spec import canonical_spec
 from lossd_server.store import SessionStore
 
@@ -58,12 +61,36 @@ def _fingerprint(request: pb.LossRequest) -> str:
             request.epoch if request.HasField("epoch") else None,
             request.logits.dtype,
             list(request.logits.shape),
-            len(request.logits.data),
+            shared_memory.tensor_nbytes(request.logits),  # the same whether inline or in shared memory
             request.labels.dtype,
             list(request.labels.shape),
         ],
         separators=(",", ":"),
     )
+
+
+def _statistics_fingerprint(request: pb.StatisticsRequest) -> str:
+    """What a resend of an upload must repeat. Uploads are rare and small next to the loss
+    stream, so the tensors are hashed: a reused id with other statistics is refused."""
+    digest = hashlib.sha256()
+    for tensor in (request.classes, request.rows, request.counts):
+        digest.update(json.dumps([tensor.dtype, list(tensor.shape)]).encode())
+        digest.update(tensor.data)
+    return json.dumps(
+        ["statistics", request.epoch, request.samples, request.correct, digest.hexdigest()], separators=(",", ":")
+    )
+
+
+def _decode_upload(request: pb.StatisticsRequest) -> Upload:
+    tensors: dict[str, torch.Tensor] = {}
+    for field in ("classes", "rows", "counts"):
+        if not request.HasField(field):
+            raise InvalidArgumentError(f"{field}: required")
+        try:
+            tensors[field] = _codec.decode(getattr(request, field), field)
+        except _codec.CodecError as error:
+            raise InvalidArgumentError(str(error)) from None
+    return Upload(tensors["classes"], tensors["rows"], tensors["counts"], request.samples, request.correct)
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
@@ -74,8 +101,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         identify: Identify = anonymous,
         *,
         on_training_samples: Callable[[int], None] | None = None,
+        shared_memory_limit: int = 512 << 20,
     ) -> None:
         self._store = store
+        self._shared_memory_limit = shared_memory_limit  # the largest segment a stream may attach; 0: none
+        self.shared_memory_stats = shared_memory.SharedMemoryStats()
+        self._segment = threading.local()  # the shared-memory segment of the stream request this thread runs
         self._executor = executor
         self._identify = identify
         # Told the samples of each applied training batch (the metrics); a replayed resend never gets here.
@@ -164,11 +195,24 @@ class LossServicer(pb_grpc.LossServiceServicer):
             recompute=lambda: self._respond(owner, session, request, count=False),
         )
 
+    def _compute_shared(self, owner: str, request: pb.LossRequest, segment: _shm.Segment) -> pb.LossResponse:
+        """A stream request with a shared-memory segment attached: tensors read from it, gradient written to it."""
+        if shared_memory.uses_segment(request):
+            self.shared_memory_stats.add("requests")
+        self._segment.current = segment  # read by _respond, on this worker thread
+        try:
+            response = self._compute(owner, request)
+        finally:
+            self._segment.current = None
+        if request.HasField("grad_region"):
+            return shared_memory.place_gradient(request, response, segment, self.shared_memory_stats)
+        return response
+
     def _respond(
         self, owner: str, session: Session, request: pb.LossRequest, fingerprint: str = "", *, count: bool = True
     ) -> pb.LossResponse:
         """``count=False`` answers a resend whose statistics were applied before a restart: same math, no counting."""
-        batch = decode_batch(request, session.spec)
+        batch = decode_batch(request, session.spec, getattr(self._segment, "current", None))
         training = request.training and count
         result = session.compute(
             batch,
@@ -202,15 +246,69 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self, request_iterator: AsyncIterator[pb.LossRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.LossResponse]:
         owner = self._identify(context)  # once: the stream's credentials do not change
+        segment: _shm.Segment | None = None  # this stream's shared memory; unmapped with its last reference
         async for request in request_iterator:
+            if request.HasField("attach_shared_memory"):  # a control request: replaces the segment
+                response, attached = shared_memory.attach(request, self._shared_memory_limit, self.shared_memory_stats)
+                segment = attached or segment
+                yield response
+                continue
             try:
-                response = await self._run(self._compute, owner, request)
+                if segment is None:
+                    response = await self._run(self._compute, owner, request)
+                else:
+                    response = await self._run(self._compute_shared, owner, request, segment)
             except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
                 response = pb.LossResponse(
                     request_id=request.request_id, error=pb.Error(code=code.value[0], message=message)
                 )
             yield response
+
+    # Epoch-cached mode ------------------------------------------------------------
+
+    def _get_soft_labels(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
+        epoch, soft_labels = self._store.get(owner, request.session).soft_labels()
+        return pb.SessionState(epoch=epoch, supervise=_codec.encode(soft_labels.T))  # reference layout
+
+    async def GetSoftLabels(self, request: pb.GetStateRequest, context: aio.ServicerContext) -> pb.SessionState:
+        return await self._run(self._get_soft_labels, self._identify(context), request)
+
+    def _add_statistics(self, owner: str, request: pb.StatisticsRequest) -> pb.Session:
+        session = self._store.get(owner, request.session)
+        session.check_rank(request.rank)
+        if session.spec.kind != "online_label_smoothing":
+            raise InvalidArgumentError(
+                f"session: {request.session!r} is a {session.spec.kind} session; "
+                "only online_label_smoothing keeps statistics"
+            )
+        if not request.HasField("epoch"):
+            raise InvalidArgumentError("epoch: required (the epoch the statistics belong to)")
+        if not request.request_id:
+            raise InvalidArgumentError("request_id: required, so that a resend is applied once")
+        upload = _decode_upload(request)
+        check_upload(session.spec, upload)  # before any state changes
+        fingerprint = _statistics_fingerprint(request)
+
+        def apply() -> pb.Session:
+            view, seen = session.add_statistics(
+                upload, rank=request.rank, epoch=request.epoch, request=(request.request_id, fingerprint)
+            )
+            self._store.record_progress(owner, session, view.epoch, seen)
+            self._on_training_samples(upload.samples)
+            return session_message(view)
+
+        return session.replay.run_once(  # type: ignore[return-value]
+            request.rank,
+            request.request_id,
+            fingerprint,
+            apply,
+            # Applied before a restart (its id came back with the snapshot): counted already.
+            recompute=lambda: session_message(session.view()),
+        )
+
+    async def AddStatistics(self, request: pb.StatisticsRequest, context: aio.ServicerContext) -> pb.Session:
+        return await self._run(self._add_statistics, self._identify(context), request)
 
     # Epochs and state ---------------------------------------------------------
 

@@ -50,6 +50,17 @@ class StateSnapshot:
 
 
 @dataclass(frozen=True)
+class Upload:
+    """Statistics an epoch-cached client accumulated: rows of the class-major accumulator."""
+
+    classes: torch.Tensor  # [K] int64 in [0, C)
+    rows: torch.Tensor  # [K, C] float64: row j is added to accumulator row classes[j]
+    counts: torch.Tensor  # [K] int64 >= 0
+    samples: int
+    correct: int
+
+
+@dataclass(frozen=True)
 class Result:
     output: F.LossOutput
     epoch: int
@@ -254,16 +265,54 @@ class Session:
             if rows is not None and probs is not None:
                 self._accumulator.index_add_(0, rows, probs)
                 self._counts.index_add_(0, rows, torch.ones_like(rows))
-            self.samples_this_epoch += output.n_used
-            self.correct_this_epoch += output.n_correct
-            self.updated_at = time.time()
-            self.changes += 1
-            if request is not None:
-                applied = self._applied.setdefault(rank, OrderedDict())
-                applied[request[0]] = request[1]
-                while len(applied) > self._replay_limits.ids:
-                    applied.popitem(last=False)
+            self._counted(output.n_used, output.n_correct, rank, request)
             return Result(output, self.epoch, self.samples_this_epoch + self.samples_lost)
+
+    def _counted(self, samples: int, correct: int, rank: int, request: tuple[str, str] | None) -> None:
+        """Under the lock, after statistics were added: the counts, and the id a snapshot must carry."""
+        self.samples_this_epoch += samples
+        self.correct_this_epoch += correct
+        self.updated_at = time.time()
+        self.changes += 1
+        if request is not None:
+            applied = self._applied.setdefault(rank, OrderedDict())
+            applied[request[0]] = request[1]
+            while len(applied) > self._replay_limits.ids:
+                applied.popitem(last=False)
+
+    def add_statistics(
+        self, upload: Upload, *, rank: int, epoch: int, request: tuple[str, str] | None = None
+    ) -> tuple[SessionView, int]:
+        """Epoch-cached mode: add a client's locally accumulated statistics, atomically.
+
+        ``upload`` must already be validated by :func:`check_upload`. Returns the
+        session after it and the epoch's samples seen (counting samples a crash lost).
+        """
+        self.check_rank(rank)
+        if not self._ols:
+            raise InvalidArgumentError(
+                f"session: {self.name!r} is a {self.spec.kind} session; only online_label_smoothing keeps statistics"
+            )
+        classes = upload.classes.to(self.device)
+        rows = upload.rows.to(self.device, torch.float64)
+        counts = upload.counts.to(self.device, torch.int64)
+        with self._lock:
+            self._check_epoch(epoch, rank, True)
+            if classes.numel():
+                self._accumulator.index_add_(0, classes, rows)
+                self._counts.index_add_(0, classes, counts)
+            self._counted(upload.samples, upload.correct, rank, request)
+            return self._view(), self.samples_this_epoch + self.samples_lost
+
+    def soft_labels(self) -> tuple[int, torch.Tensor]:
+        """(epoch, class-major S on the CPU), read together: what an epoch-cached client computes with."""
+        with self._lock:
+            self._check_live()
+            if not self._ols:
+                raise InvalidArgumentError(
+                    f"session: {self.name!r} is a {self.spec.kind} session; only online_label_smoothing has soft labels"
+                )
+            return self.epoch, self._soft_labels.to("cpu", copy=True)
 
     def arrive(self, rank: int, epoch: int | None) -> Future[SessionView]:
         """Record that ``rank`` finished ``epoch``; the future resolves when every rank has.
@@ -491,3 +540,47 @@ def check_state(spec: SessionSpec, state: StateSnapshot) -> None:
         raise InvalidArgumentError(f"state.counts: expected int64 or int32 but got {state.counts.dtype}")
     if bool((state.counts < 0).any()):
         raise InvalidArgumentError("state.counts: negative count")
+
+
+# Each row sums counts[j] softmax vectors, so it sums to counts[j] up to float32 rounding of the probabilities.
+_ROW_SUM_TOLERANCE = 1e-3
+
+
+def check_upload(spec: SessionSpec, upload: Upload) -> None:
+    """InvalidArgumentError naming the field of uploaded statistics that cannot be what a client accumulated."""
+    c = spec.n_classes
+    classes, rows, counts = upload.classes, upload.rows, upload.counts
+    if classes.dtype != torch.int64 or classes.dim() != 1:
+        raise InvalidArgumentError(
+            f"classes: expected a [K] int64 tensor but got {list(classes.shape)} {classes.dtype}"
+        )
+    k = classes.shape[0]
+    if rows.dtype != torch.float64 or tuple(rows.shape) != (k, c):
+        raise InvalidArgumentError(f"rows: expected shape [{k}, {c}] float64 but got {list(rows.shape)} {rows.dtype}")
+    if counts.dtype != torch.int64 or tuple(counts.shape) != (k,):
+        raise InvalidArgumentError(f"counts: expected shape [{k}] int64 but got {list(counts.shape)} {counts.dtype}")
+    if k and not bool(((classes >= 0) & (classes < c)).all()):
+        bad = int(classes[(classes < 0) | (classes >= c)][0])
+        raise InvalidArgumentError(f"classes: {bad} is outside [0, {c})")
+    if k and not bool(torch.isfinite(rows).all()):
+        raise InvalidArgumentError("rows: contains NaN or infinity")
+    if k and bool((rows < 0).any()):
+        raise InvalidArgumentError("rows: negative entry; rows are sums of probabilities")
+    if k and bool((counts < 0).any()):
+        raise InvalidArgumentError("counts: negative count")
+    if k:
+        sums = rows.sum(dim=1)
+        off = (sums - counts.to(torch.float64)).abs() > _ROW_SUM_TOLERANCE * counts.clamp(min=1).to(torch.float64)
+        if bool(off.any()):
+            j = int(off.nonzero()[0, 0])
+            raise InvalidArgumentError(
+                f"rows: row {j} (class {int(classes[j])}) sums to {float(sums[j]):.6g} but counts[{j}] is "
+                f"{int(counts[j])}; each row must be the sum of counts[j] probability vectors"
+            )
+    if upload.samples < 0:
+        raise InvalidArgumentError(f"samples: expected >= 0 but got {upload.samples}")
+    total = int(counts.sum()) if k else 0
+    if upload.correct != total:
+        raise InvalidArgumentError(f"correct: expected sum(counts) = {total} but got {upload.correct}")
+    if upload.correct > upload.samples:
+        raise InvalidArgumentError(f"correct: {upload.correct} exceeds samples ({upload.samples})")

@@ -183,24 +183,112 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     dtype: Global___DType.ValueType
     data: _builtins.bytes
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def shared(self) -> Global___SharedRegion:
+        """Same-host shared-memory transport, LossStream only: set instead of data,
+        the bytes are this region of the stream's attached segment.
+        """
+
     def __init__(
         self,
         *,
         dtype: Global___DType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        shared: Global___SharedRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared", b"shared"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape", "shared", b"shared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
+
+@_typing.final
+class SharedRegion(_message.Message):
+    """A byte range of a stream's shared-memory segment (see SharedMemoryAttach)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    nbytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nbytes", b"nbytes", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedRegion: _TypeAlias = SharedRegion  # noqa: Y015
+
+@_typing.final
+class SharedMemoryAttach(_message.Message):
+    """Attaches a client-created POSIX shared-memory segment to a LossStream,
+    replacing any segment attached before. The client wrote nonce at offset 0;
+    the server maps /dev/shm/<name> read/write, checks the nonce, writes its own
+    16 random bytes at offset 16 and returns them, so both sides know they share
+    the memory. A server that cannot (another host or IPC namespace, disabled)
+    answers with an in-band error; the client then sends bytes inline.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """lossd-[0-9a-f]+, a file directly under /dev/shm"""
+    size: _builtins.int
+    """bytes of the segment"""
+    nonce: _builtins.bytes
+    """16 bytes"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "nonce", b"nonce", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryAttach: _TypeAlias = SharedMemoryAttach  # noqa: Y015
+
+@_typing.final
+class SharedMemoryAttached(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """the 16 bytes the server wrote at offset 16"""
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryAttached: _TypeAlias = SharedMemoryAttached  # noqa: Y015
 
 @_typing.final
 class SessionSpec(_message.Message):
@@ -484,6 +572,8 @@ class LossRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    ATTACH_SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    GRAD_REGION_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     training: _builtins.bool
     """Training requests update the OLS statistics; eval requests never do."""
@@ -508,6 +598,19 @@ class LossRequest(_message.Message):
     def labels(self) -> Global___Tensor:
         """[N] int64 or int32."""
 
+    @_builtins.property
+    def attach_shared_memory(self) -> Global___SharedMemoryAttach:
+        """LossStream only: a control request that attaches a shared-memory segment
+        to the stream; it carries nothing else and computes no loss.
+        """
+
+    @_builtins.property
+    def grad_region(self) -> Global___SharedRegion:
+        """LossStream only, with a segment attached: where the server may write the
+        gradient; LossResponse.grad then references it (grad.shared) instead of
+        carrying data. The server falls back to data when the region is too small.
+        """
+
     def __init__(
         self,
         *,
@@ -519,10 +622,12 @@ class LossRequest(_message.Message):
         request_id: _builtins.str = ...,
         rank: _builtins.int = ...,
         epoch: _builtins.int | None = ...,
+        attach_shared_memory: Global___SharedMemoryAttach | None = ...,
+        grad_region: Global___SharedRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "labels", b"labels", "logits", b"logits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "attach_shared_memory", b"attach_shared_memory", "epoch", b"epoch", "grad_region", b"grad_region", "labels", b"labels", "logits", b"logits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "labels", b"labels", "logits", b"logits", "need_grad", b"need_grad", "rank", b"rank", "request_id", b"request_id", "session", b"session", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "attach_shared_memory", b"attach_shared_memory", "epoch", b"epoch", "grad_region", b"grad_region", "labels", b"labels", "logits", b"logits", "need_grad", b"need_grad", "rank", b"rank", "request_id", b"request_id", "session", b"session", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
@@ -568,6 +673,7 @@ class LossResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     GRAD_EXPONENT_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_ATTACHED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     n_used: _builtins.int
     """Samples whose label is not ignore_index."""
@@ -597,6 +703,10 @@ class LossResponse(_message.Message):
     def error(self) -> Global___Error:
         """Set only on the stream, when this request failed; the other fields are then empty."""
 
+    @_builtins.property
+    def shared_memory_attached(self) -> Global___SharedMemoryAttached:
+        """The answer to a LossRequest.attach_shared_memory."""
+
     def __init__(
         self,
         *,
@@ -608,10 +718,11 @@ class LossResponse(_message.Message):
         epoch: _builtins.int = ...,
         error: Global___Error | None = ...,
         grad_exponent: _builtins.int = ...,
+        shared_memory_attached: Global___SharedMemoryAttached | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "grad", b"grad", "loss", b"loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "grad", b"grad", "loss", b"loss", "shared_memory_attached", b"shared_memory_attached"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "error", b"error", "grad", b"grad", "grad_exponent", b"grad_exponent", "loss", b"loss", "n_correct", b"n_correct", "n_used", b"n_used", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "error", b"error", "grad", b"grad", "grad_exponent", b"grad_exponent", "loss", b"loss", "n_correct", b"n_correct", "n_used", b"n_used", "request_id", b"request_id", "shared_memory_attached", b"shared_memory_attached"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -737,3 +848,77 @@ class LoadStateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadStateRequest: _TypeAlias = LoadStateRequest  # noqa: Y015
+
+@_typing.final
+class StatisticsRequest(_message.Message):
+    """Epoch-cached mode: a client that fetched S (GetSoftLabels) computes the loss
+    itself and uploads the OLS statistics of its training batches. Applied once
+    per (session, rank, request_id), like a training LossRequest, and refused
+    after the rank has called NextEpoch for the epoch. A request that fails
+    validation changes nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    CORRECT_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    rank: _builtins.int
+    """The sender's rank, in [0, world_size)."""
+    epoch: _builtins.int
+    """Required: the epoch the statistics belong to; any other than the
+    session's is FAILED_PRECONDITION.
+    """
+    request_id: _builtins.str
+    """Required; unique per (session, rank) among uploads and loss requests.
+    A resend of an applied id is not applied again.
+    """
+    samples: _builtins.int
+    """Training samples (labels not ignored) these statistics cover, and of
+    those the correctly predicted ones: correct == sum(counts) <= samples.
+    """
+    correct: _builtins.int
+    @_builtins.property
+    def classes(self) -> Global___Tensor:
+        """[K] int64 in [0, C): the classes the rows belong to (K may be 0)."""
+
+    @_builtins.property
+    def rows(self) -> Global___Tensor:
+        """[K, C] float64, class-major: row j is the sum of the softmax of the
+        correctly predicted samples labelled classes[j], i.e. what is added to
+        column classes[j] of SessionState.accumulator. Finite and >= 0.
+        """
+
+    @_builtins.property
+    def counts(self) -> Global___Tensor:
+        """[K] int64 >= 0: how many samples row j sums; added to SessionState.counts."""
+
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        epoch: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+        classes: Global___Tensor | None = ...,
+        rows: Global___Tensor | None = ...,
+        counts: Global___Tensor | None = ...,
+        samples: _builtins.int = ...,
+        correct: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "classes", b"classes", "counts", b"counts", "epoch", b"epoch", "rows", b"rows"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "classes", b"classes", "correct", b"correct", "counts", b"counts", "epoch", b"epoch", "rank", b"rank", "request_id", b"request_id", "rows", b"rows", "samples", b"samples", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___StatisticsRequest: _TypeAlias = StatisticsRequest  # noqa: Y015

@@ -79,6 +79,16 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.LoadStateRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.Session.FromString,
                 _registered_method=True)
+        self.GetSoftLabels = channel.unary_unary(
+                '/lossd.v1.LossService/GetSoftLabels',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.SessionState.FromString,
+                _registered_method=True)
+        self.AddStatistics = channel.unary_unary(
+                '/lossd.v1.LossService/AddStatistics',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -142,6 +152,22 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSoftLabels(self, request, context):
+        """Epoch-cached mode: the current epoch and S only (SessionState without the
+        accumulator and counts), the one transfer a cached client needs per epoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddStatistics(self, request, context):
+        """Epoch-cached mode: add a client's locally accumulated statistics to the
+        current epoch, exactly once per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +214,16 @@ def add_LossServiceServicer_to_server(servicer, server):
             'LoadState': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadState,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.LoadStateRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.Session.SerializeToString,
+            ),
+            'GetSoftLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSoftLabels,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.SessionState.SerializeToString,
+            ),
+            'AddStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddStatistics,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.Session.SerializeToString,
             ),
     }
@@ -433,6 +469,60 @@ class LossService:
             target,
             '/lossd.v1.LossService/LoadState',
             lossd_dot_v1_dot_loss__service__pb2.LoadStateRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSoftLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/GetSoftLabels',
+            lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.SessionState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/AddStatistics',
+            lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.Session.FromString,
             options,
             channel_credentials,
