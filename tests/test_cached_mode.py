@@ -315,6 +315,18 @@ def _bad_requests() -> list[tuple[str, dict[str, Any], str]]:
         ("correct not sum(counts)", {"correct": good["correct"] + 1}, "correct: expected sum"),
         ("correct above samples", {"samples": good["correct"] - 1}, "correct: .* exceeds samples"),
         ("samples negative", {**empty, "samples": -1, "correct": 0}, "samples: expected >= 0"),
+        # int64 counts whose sum wraps to a negative "correct": summed in Python ints, it does not match.
+        (
+            "counts overflowing",
+            {
+                "classes": _tensor(torch.tensor([0, 1])),
+                "rows": _tensor(torch.eye(2, C, dtype=torch.float64) * 2.0**62),
+                "counts": _tensor(torch.tensor([2**62, 2**62])),
+                "samples": 0,
+                "correct": -(2**63),
+            },
+            "correct: expected >= 0",
+        ),
         ("no epoch", {"epoch": None}, "epoch: required"),
         ("no request id", {"request_id": ""}, "request_id: required"),
         ("no rows", {"rows": None}, "rows: required"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import threading
 import time
@@ -176,3 +177,28 @@ def test_a_stream_that_ended_while_idle_reports_the_servers_error_not_a_generic_
     _wait_for_readers(0)
     with pytest.raises(lossd.PermissionDeniedError, match="token revoked"):
         stream.call(pb.LossRequest(request_id="r1"))
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_client_inherited_through_fork_refuses_to_be_used(server: EmbeddedServer) -> None:
+    """A forked child (a DataLoader worker, say) sharing the parent's channel and shared-memory
+    segment could write its tensors under the parent's request in flight: it is told to make its own."""
+    with lossd.Client(server.target) as client:
+        client.create_session("forked", lossd.SessionSpec(kind="cross_entropy", n_classes=3))
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what using the inherited client does, then leave without cleanup
+            try:
+                client.compute_loss("forked", torch.zeros(2, 3), torch.tensor([0, 1]))
+                message = b"used"
+            except RuntimeError as error:
+                message = str(error).encode()
+            os.write(write, message)
+            os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read, "rb") as pipe:
+            reported = pipe.read().decode()
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "connections do not survive fork" in reported
+        assert client.compute_loss("forked", torch.zeros(2, 3), torch.tensor([0, 1])).n_used == 2  # the parent's works

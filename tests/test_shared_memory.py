@@ -3,8 +3,10 @@ clean fallback, no /dev/shm entry left behind, growth, one segment per stream.""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -14,11 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 import lossd
-from lossd import _shm
+from lossd import _codec, _shm
+from lossd.v1 import loss_service_pb2 as pb
+from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
 from lossd_server.shared_memory import SharedMemoryStats
@@ -34,8 +39,15 @@ def shm_entries() -> set[str]:
 
 
 def mapped_segments() -> list[str]:
-    """This process's mappings of lossd segments (the embedded server's, and any client's)."""
-    return [line for line in Path("/proc/self/maps").read_text().splitlines() if "/dev/shm/lossd-" in line]
+    """This process's hold on lossd segments: the client's mappings, and the embedded server's descriptors
+    (the server never maps a client's file: a client shrinking it would make the server's access SIGBUS)."""
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if "/dev/shm/lossd-" in line]
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "/dev/shm/lossd-" in os.readlink(f"/proc/self/fd/{fd}"):
+                fds.append(fd)
+    return maps + fds
 
 
 def stats(server: EmbeddedServer) -> SharedMemoryStats:
@@ -255,7 +267,8 @@ def test_stream_end_unmaps_the_server_side(server: EmbeddedServer, no_leak: None
     with lossd.Client(server.target) as client:
         client.create_session("s", ls_spec())
         client.compute_loss("s", torch.randn(N, C), torch.randint(0, C, (N,)))
-        assert len(mapped_segments()) == 2  # the client's mapping and the embedded server's
+        # The client's mapping and the descriptor mmap keeps for it, and the embedded server's descriptor.
+        assert len(mapped_segments()) == 3
     assert wait_for(lambda: not mapped_segments()), mapped_segments()
 
 
@@ -292,7 +305,7 @@ def test_server_restart_reattaches(tmp_path: Path, no_leak: None) -> None:
         for _ in range(3):
             module(torch.randn(N, C, requires_grad=True), torch.randint(0, C, (N,))).backward()
         first.stop()
-        assert wait_for(lambda: len(mapped_segments()) == 1)  # only the client's mapping is left
+        assert wait_for(lambda: len(mapped_segments()) == 2)  # only the client's mapping (and its descriptor) left
         with EmbeddedServer(settings.model_copy(update={"port": port})) as second:
             for _ in range(3):
                 module(torch.randn(N, C, requires_grad=True), torch.randint(0, C, (N,))).backward()
@@ -344,3 +357,37 @@ def test_a_refused_growth_keeps_the_segment_it_had(no_leak: None) -> None:
         assert "over this server's limit" in (stream.shm_refusal or "")
         assert stream.shm_segment is not None and stream.shm_segment.size == _shm.MIN_SEGMENT_BYTES
         assert stats(server).refused == 1 and stats(server).requests == 2
+
+
+def test_a_client_that_shrinks_its_segment_gets_an_error_and_the_server_lives(
+    server: EmbeddedServer, no_leak: None
+) -> None:
+    """The server never maps the client's file: touching a mapping past a shrunk end would be SIGBUS,
+    killing the server and every tenant's streams (the embedded server would take this test process)."""
+    with lossd.Client(server.target) as client:
+        client.create_session("s", ls_spec())
+    segment, nonce = _shm.Segment.create(1 << 20)
+    fd = os.open(segment.path, os.O_RDWR)
+    requests: queue.SimpleQueue[pb.LossRequest | None] = queue.SimpleQueue()
+    with grpc.insecure_channel(server.target) as channel:
+        call = pb_grpc.LossServiceStub(channel).LossStream(iter(requests.get, None))  # type: ignore[no-untyped-call]
+        try:
+            attach = pb.SharedMemoryAttach(name=segment.name, size=segment.size, nonce=nonce)
+            requests.put(pb.LossRequest(request_id="a", attach_shared_memory=attach))
+            assert next(call).HasField("shared_memory_attached")
+            segment.unlink()
+            os.ftruncate(fd, 64)  # behind the server's back
+            request = pb.LossRequest(request_id="b", session="s", training=False, need_grad=False)
+            request.logits.dtype = _codec.wire_dtype(torch.float32)
+            request.logits.shape.extend([N, C])
+            request.logits.shared.CopyFrom(_shm.region(_shm.HEADER_BYTES, N * C * 4))
+            request.labels.CopyFrom(_codec.encode(torch.zeros(N, dtype=torch.int64)))
+            requests.put(request)
+            response = next(call)
+            assert response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert "shrank" in response.error.message
+        finally:
+            requests.put(None)
+            os.close(fd)
+    with lossd.Client(server.target) as client:  # still serving
+        assert client.get_session("s").name == "s"

@@ -26,9 +26,25 @@ import torch
 from lossd import _codec
 from lossd import functional as F
 from lossd._client import Client
-from lossd._exceptions import FailedPreconditionError, InvalidArgumentError, LossdError, UnavailableError
+from lossd._exceptions import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LossdError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from lossd._spec import SessionSpec
 
+# Statuses the server gives before changing anything, for which a resend would be refused again.
+_NEVER_APPLIED = (
+    InvalidArgumentError,
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 log = logging.getLogger("lossd")
 
 
@@ -219,8 +235,10 @@ class EpochCache:
                 )
             except LossdError as error:
                 with self._lock:
-                    if not isinstance(error, UnavailableError):
-                        self._queue.popleft()  # it can never apply; an unreachable server may come back
+                    if isinstance(error, _NEVER_APPLIED):
+                        self._queue.popleft()  # refused before anything changed: a resend cannot apply either
+                    # Anything else (a deadline, a cancel, an internal error) may or may not have been
+                    # applied: keep it, so it is resent under its id and the replay log applies it once.
                     log.warning("lossd: uploading statistics to session %r failed: %s", self._session, error)
                     self._error = error
                     continue
@@ -233,7 +251,7 @@ class EpochCache:
 
     def raise_error(self) -> None:
         """Raise (once) the error that stopped the background uploads; the upload it hit is resent later
-        under its id if the server was unavailable, and dropped otherwise."""
+        under its id, unless the server refused it outright (invalid, wrong epoch, unknown session, denied)."""
         with self._lock:
             error, self._error = self._error, None
         if error is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import uuid
 import weakref
@@ -103,6 +104,7 @@ class Client:
             shared_memory=shared_memory,
         )
         tune_client_once()
+        self._pid = os.getpid()
         options = self.config.channel_options()
         if self.config.tls is None:
             channel = grpc.insecure_channel(self.config.target, options=options)
@@ -127,6 +129,13 @@ class Client:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("this lossd.Client is closed")
+        if os.getpid() != self._pid:
+            # A forked child would share the parent's channel and shared-memory segment, and could
+            # write its tensors under the parent's request in flight.
+            raise RuntimeError(
+                f"this lossd.Client was created in process {self._pid}; connections do not survive fork: "
+                f"create a new lossd.Client (or loss module) in process {os.getpid()}"
+            )
 
     def _call_once(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
         self._check_open()

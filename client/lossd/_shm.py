@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import stat
+import weakref
 
 import torch
 
@@ -64,10 +65,15 @@ def nbytes_of(dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> int:
 class Segment:
     """One mapped /dev/shm file."""
 
-    def __init__(self, name: str, size: int, memory: mmap.mmap) -> None:
+    def __init__(self, name: str, size: int, memory: mmap.mmap | None, fd: int | None = None) -> None:
         self.name = name
         self.size = size
         self._memory = memory
+        # The server's side keeps a descriptor and copies with pread/pwrite instead of mapping:
+        # the client owns the file and could shrink it, and touching a mapping past the end of
+        # a shrunk file is SIGBUS, which would kill the server with every tenant's streams.
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd) if fd is not None else None
         self.linked = True
 
     @property
@@ -110,26 +116,30 @@ class Segment:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as error:
             raise SegmentError(error.errno, f"cannot open {path}: {error.strerror}") from None
+        segment = cls(name, size, None, fd)  # owns fd from here: closed with the segment
+        segment.linked = False  # the client owns the name
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_size != size:
                 raise SegmentError(0, f"{path} is not a {size}-byte shared-memory segment")
-            memory = mmap.mmap(fd, size)
+            if not hmac.compare_digest(os.pread(fd, NONCE_BYTES, 0), nonce):
+                raise SegmentError(0, f"{path} holds another nonce: not the client's segment (another host?)")
+            ours = secrets.token_bytes(NONCE_BYTES)
+            segment.write_bytes(NONCE_BYTES, ours)
         except OSError as error:
+            segment.close()
             if isinstance(error, SegmentError):
                 raise
-            raise SegmentError(error.errno, f"cannot map {path}: {error.strerror}") from None
-        finally:
-            os.close(fd)
-        if not hmac.compare_digest(memory[0:NONCE_BYTES], nonce):
-            raise SegmentError(0, f"{path} holds another nonce: not the client's segment (another host?)")
-        ours = secrets.token_bytes(NONCE_BYTES)
-        memory[NONCE_BYTES : 2 * NONCE_BYTES] = ours
-        segment = cls(name, size, memory)
-        segment.linked = False  # the client owns the name
+            raise SegmentError(error.errno, f"cannot use {path}: {error.strerror}") from None
         return segment, ours
 
+    def close(self) -> None:
+        """Release the server side's descriptor now; only where nothing else can be using it."""
+        if self._closer is not None:
+            self._closer()
+
     def peer_nonce(self) -> bytes:
+        assert self._memory is not None
         return bytes(self._memory[NONCE_BYTES : 2 * NONCE_BYTES])
 
     def unlink(self) -> None:
@@ -147,9 +157,21 @@ class Segment:
         count = math.prod(shape)
         if count == 0:
             return torch.empty(tuple(shape), dtype=dtype)
+        if self._fd is not None:  # the server's side: a private copy, so the client cannot change it mid-use
+            buffer = bytearray(nbytes_of(dtype, shape))
+            if os.preadv(self._fd, [buffer], offset) != len(buffer):
+                raise SegmentError(0, f"{self.path} is shorter than the region at {offset}: the segment shrank")
+            return torch.frombuffer(buffer, dtype=dtype, count=count).reshape(tuple(shape))
+        assert self._memory is not None
         return torch.frombuffer(self._memory, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
 
     def write_bytes(self, offset: int, data: bytes) -> None:
+        if self._fd is not None:
+            view = memoryview(data)
+            while view:  # pwrite past the end extends the file: never SIGBUS
+                view = view[os.pwrite(self._fd, view, offset + len(data) - len(view)) :]
+            return
+        assert self._memory is not None
         self._memory[offset : offset + len(data)] = data
 
 

@@ -246,7 +246,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self, request_iterator: AsyncIterator[pb.LossRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.LossResponse]:
         owner = self._identify(context)  # once: the stream's credentials do not change
-        segment: _shm.Segment | None = None  # this stream's shared memory; unmapped with its last reference
+        # This stream's shared memory. Never closed explicitly: a request still computing on a worker
+        # thread may hold it, so its descriptor closes with its last reference (see _shm.Segment).
+        segment: _shm.Segment | None = None
         async for request in request_iterator:
             if request.HasField("attach_shared_memory"):  # a control request: replaces the segment
                 response, attached = shared_memory.attach(request, self._shared_memory_limit, self.shared_memory_stats)

@@ -579,7 +579,9 @@ def check_upload(spec: SessionSpec, upload: Upload) -> None:
             )
     if upload.samples < 0:
         raise InvalidArgumentError(f"samples: expected >= 0 but got {upload.samples}")
-    total = int(counts.sum()) if k else 0
+    total = sum(counts.tolist()) if k else 0  # in Python ints: an int64 sum could wrap around
+    if upload.correct < 0:
+        raise InvalidArgumentError(f"correct: expected >= 0 but got {upload.correct}")
     if upload.correct != total:
         raise InvalidArgumentError(f"correct: expected sum(counts) = {total} but got {upload.correct}")
     if upload.correct > upload.samples:

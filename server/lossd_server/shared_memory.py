@@ -67,7 +67,7 @@ def attach(
 
 
 def decode(message: pb.Tensor, field_name: str, segment: _shm.Segment | None) -> torch.Tensor:
-    """The tensor a ``shared`` Tensor names: a view of the segment (a copy for labels)."""
+    """The tensor a ``shared`` Tensor names, copied out of the segment."""
     if segment is None:
         raise InvalidArgumentError(f"{field_name}.shared: only on a LossStream with an attached shared-memory segment")
     if message.data:
@@ -88,8 +88,10 @@ def decode(message: pb.Tensor, field_name: str, segment: _shm.Segment | None) ->
         )
     if not segment.contains(region.offset, region.nbytes):
         raise InvalidArgumentError(f"{field_name}.shared: region outside the {segment.size}-byte segment")
-    tensor = segment.view(region.offset, dtype, shape)
-    return tensor.clone() if field_name == "labels" else tensor
+    try:
+        return segment.view(region.offset, dtype, shape)  # the server's own copy: see _shm.Segment
+    except _shm.SegmentError as error:
+        raise InvalidArgumentError(f"{field_name}.shared: {error.strerror or error}") from None
 
 
 def place_gradient(
@@ -106,7 +108,10 @@ def place_gradient(
     data = response.grad.data
     if len(data) > region.nbytes or not segment.contains(region.offset, len(data)):
         return response  # inline, as without shared memory
-    segment.write_bytes(region.offset, data)
+    try:
+        segment.write_bytes(region.offset, data)
+    except OSError:
+        return response  # /dev/shm full, say: inline, as without shared memory
     slim = pb.LossResponse()
     for descriptor, value in response.ListFields():
         if descriptor.name == "grad":
