@@ -23,6 +23,23 @@ def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}; see the server log"
 
 
+UnaryBehavior = Callable[..., Awaitable[Any]]
+StreamBehavior = Callable[..., AsyncIterator[Any]]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[UnaryBehavior], UnaryBehavior],
+    stream: Callable[[StreamBehavior], StreamBehavior],
+) -> grpc.RpcMethodHandler:
+    """The handler with its unary-unary or stream-stream behaviour wrapped (the only kinds lossd serves)."""
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=unary(handler.unary_unary))
+    if handler.stream_stream is not None:
+        return handler._replace(stream_stream=stream(handler.stream_stream))
+    return handler
+
+
 class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Aborts a call with the status of the exception its handler raised."""
 
@@ -35,11 +52,9 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
-        if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
-        return handler
+        return wrap_handler(
+            handler, lambda behavior: _wrap_unary(behavior, method), lambda behavior: _wrap_stream(behavior, method)
+        )
 
 
 async def _abort(context: aio.ServicerContext, error: Exception, method: str) -> None:

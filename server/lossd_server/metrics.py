@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lossd.v1 import loss_service_pb2 as pb
+from lossd_server.errors import wrap_handler
 from lossd_server.store import StoreStats
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LossService"]
@@ -237,11 +238,9 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method.startswith(_PREFIX):
             return handler
         rpc = method[len(_PREFIX) :]
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, rpc))
-        if handler.stream_stream is not None:
-            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, rpc))
-        return handler
+        return wrap_handler(
+            handler, lambda behavior: self._wrap_unary(behavior, rpc), lambda behavior: self._wrap_stream(behavior, rpc)
+        )
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], rpc: str) -> Callable[..., Awaitable[Any]]:
         metrics = self._metrics
