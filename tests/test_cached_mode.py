@@ -544,7 +544,7 @@ def test_a_cached_module_survives_kill_9_of_a_durable_server(tmp_path: Path) -> 
             cached.flush()  # both uploads applied ...
             snapshot = cached.info()
             deadline = time.monotonic() + 10
-            while cached.info().snapshot_at <= snapshot.updated_at:  # ... and snapshotted
+            while cached.info().snapshot_at < snapshot.updated_at:  # ... and snapshotted (read after it)
                 assert time.monotonic() < deadline, "no snapshot"
                 time.sleep(0.02)
             served.kill()

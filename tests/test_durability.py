@@ -99,9 +99,14 @@ def assert_same_state(actual: lossd.SessionState, expected: lossd.SessionState) 
     torch.testing.assert_close(actual.counts, expected.counts, rtol=0, atol=0)
 
 
-def wait_for_snapshot(client: lossd.Client, name: str, after: float) -> None:
+def wait_for_snapshot(client: lossd.Client, name: str) -> None:
+    """Until a snapshot covers the session's last change: its statistics are read under the lock
+    after that change (which set updated_at), so snapshot_at >= updated_at says it holds everything."""
     deadline = time.monotonic() + 10
-    while client.get_session(name).snapshot_at < after:
+    while True:
+        info = client.get_session(name)
+        if info.snapshot_at >= info.updated_at:
+            return
         assert time.monotonic() < deadline, "no snapshot within 10 s"
         time.sleep(0.02)
 
@@ -146,7 +151,7 @@ def test_kill_9_after_a_snapshot_restores_the_statistics_and_answers_a_resend_wi
         last = batch(3)
         original = client.compute_loss("run", *last, epoch=0, request_id="step-3")
         before = client.get_state("run")
-        wait_for_snapshot(client, "run", after=time.time())
+        wait_for_snapshot(client, "run")
     first.kill()
 
     second = start(servers, tmp_path)
