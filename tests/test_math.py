@@ -549,3 +549,81 @@ def test_unary_and_stream_give_identical_bytes(
     assert_same_result(unary, streamed)
     assert streamed.grad is not None and streamed.grad.dtype == wire
     assert bool((streamed.grad != 0).any())
+
+
+# ---------------------------------------------------------------------------
+# 7. The fast path's own pieces: the argmax substitute, shift invariance, no-mask rows
+# ---------------------------------------------------------------------------
+
+
+def test_predicts_label_equals_argmax_with_ties_nan_and_inf() -> None:
+    """Small integer logits tie at the top in most rows; NaN and infinite rows take argmax's own rules."""
+    generator = torch.Generator().manual_seed(_seed("predicts"))
+    differing = 0
+    for trial in range(400):
+        n, c = (int(v) for v in torch.randint(1, 12, (2,), generator=generator))
+        logits = torch.randint(-2, 3, (n, c), generator=generator).to(torch.float32)
+        logits[0, c - 1] = (float("nan"), float("inf"), float("-inf"), 2.0)[trial % 4]
+        if trial % 5 == 0:
+            logits[-1] = float("-inf")
+        labels = torch.randint(0, c, (n,), generator=generator)
+        row_max = logits.amax(dim=1, keepdim=True)
+        shifted = logits - row_max
+        at_label = shifted.gather(1, labels.unsqueeze(1)).squeeze(1)
+        expected = logits.argmax(dim=1) == labels
+        assert torch.equal(F.predicts_label(logits, row_max, shifted, at_label, labels), expected), (logits, labels)
+        differing += int(((at_label == 0) != expected).sum())
+    assert differing > 50  # the ties really exercised the argmax fallback
+
+
+def _functional(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> F.LossOutput:
+    """The pure function of ``kind`` with reduction 'none' (OLS at epoch 0, as the server starts it)."""
+    if kind.alpha is None:
+        return F.smoothed_cross_entropy(
+            logits,
+            labels,
+            smoothing=kind.smoothing,
+            convention=kind.convention or "uniform",
+            ignore_index=ignore_index,
+            reduction="none",
+        )
+    soft = F.initial_soft_labels(C, kind.smoothing, "label_smoothing", "off_target")
+    return F.online_label_smoothing(logits, labels, soft, alpha=kind.alpha, ignore_index=ignore_index, reduction="none")
+
+
+@pytest.mark.parametrize("kind_id", list(KINDS))
+def test_float32_loss_is_as_accurate_with_a_large_logit_offset(kind_id: str) -> None:
+    """Softmax is shift-invariant; the float32 math must be too. Loss terms are formed from
+    (max - z) and log-sum-exp, never from z itself, so an offset of 1000 adds no error: the result
+    stays within the float32 bound of section 3, computed on the offset inputs."""
+    kind = KINDS[kind_id]
+    logits, labels, ignore_index = make_batch(_seed("offset", kind_id), "no-ignored")
+    offset = (logits + 1000.0).to(torch.float32)  # exact in float32 from here on
+    reference = offset.to(torch.float64)
+    expected_loss, expected_grad = kind.torch_reference(reference, labels, None, ignore_index, "none")
+    loss_bound, grad_bound = error_bounds(kind, reference, labels, None, ignore_index, "none", torch.float32)
+    out = _functional(kind, offset, labels, ignore_index)
+    assert out.grad is not None
+    assert bool(((out.loss.double() - expected_loss).abs() <= loss_bound).all())
+    assert bool(((out.grad.double() - expected_grad).abs() <= grad_bound).all())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
+def test_rows_without_a_mask_equal_rows_masked_as_valid(reduction: F.Reduction, use_weight: bool) -> None:
+    """safe_labels gives no mask when nothing is ignored; that path must equal the masked one."""
+    logits, labels, _ = make_batch(_seed("nomask", reduction, use_weight), "no-ignored")
+    weight = make_weight(_seed("nomask"), use_weight)
+    safe, valid = F.safe_labels(labels, -100)
+    assert valid is None and safe is labels
+    soft = torch.softmax(torch.randn(C, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64), 1)
+    targets = F.ols_targets(labels, soft.float(), 0.4, torch.float64)
+    fast = F.target_cross_entropy(logits, labels, None, targets, weight=weight, reduction=reduction)
+    masked = F.target_cross_entropy(
+        logits, labels, torch.ones(N, dtype=torch.bool), targets, weight=weight, reduction=reduction
+    )
+    assert fast.grad is not None and masked.grad is not None
+    _assert_close64(fast.loss, masked.loss)
+    _assert_close64(fast.grad, masked.grad)
+    assert torch.equal(fast.correct, masked.correct)
+    assert fast.n_used == masked.n_used == N

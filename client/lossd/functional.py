@@ -44,13 +44,13 @@ class LossOutput:
     loss: torch.Tensor  # scalar, or [N] for reduction "none"
     grad: torch.Tensor | None  # [N, C] in the compute dtype
     probs: torch.Tensor  # [N, C] softmax, compute dtype
-    valid: torch.Tensor  # [N] bool: label != ignore_index
-    correct: torch.Tensor  # [N] bool: valid and argmax(p) == label
+    valid: torch.Tensor | None  # [N] bool: label != ignore_index; None: every row counts
+    correct: torch.Tensor  # [N] bool: valid and argmax(logits) == label (first maximum on ties)
 
     # Cached: each is a device sync on CUDA, and both the statistics and the response read them.
     @functools.cached_property
     def n_used(self) -> int:
-        return int(self.valid.sum())
+        return int(self.correct.shape[0]) if self.valid is None else int(self.valid.sum())
 
     @functools.cached_property
     def n_correct(self) -> int:
@@ -70,11 +70,16 @@ def smoothing_values(n_classes: int, smoothing: float, convention: Convention) -
 @dataclass(frozen=True)
 class Targets:
     """Per-sample target distributions in factored form, so they are never built densely
-    unless they must be: ``t_ic = dense_ic + base + spike * [c == y_i]``."""
+    unless they must be: ``t_ic = dense_scale * dense_ic + base + spike * [c == y_i]``.
+
+    ``dense_scale`` is kept apart from ``dense`` (OLS's ``1 - alpha`` times a gather of the
+    soft labels) so it folds into per-row scalars instead of costing a pass over [N, C].
+    """
 
     spike: float
     base: float = 0.0
     dense: torch.Tensor | None = None  # [N, C]
+    dense_scale: float = 1.0
 
 
 def smoothed_targets(n_classes: int, smoothing: float, convention: Convention) -> Targets:
@@ -84,19 +89,28 @@ def smoothed_targets(n_classes: int, smoothing: float, convention: Convention) -
 
 def ols_targets(labels: torch.Tensor, soft_labels: torch.Tensor, alpha: float, dtype: torch.dtype) -> Targets:
     """OLS: ``alpha * onehot(y) + (1 - alpha) * S[:, y]`` with class-major ``soft_labels``."""
-    return Targets(spike=alpha, dense=soft_labels.index_select(0, labels).to(dtype) * (1.0 - alpha))
+    return Targets(spike=alpha, dense=soft_labels.index_select(0, labels).to(dtype), dense_scale=1.0 - alpha)
 
 
-def safe_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels with ignored entries replaced by 0, mask of the rows not ignored)."""
+def safe_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(labels with ignored entries replaced by 0, mask of the rows not ignored). The mask is None
+    when no row is ignored, the common case, which then skips every masking op."""
     valid = labels != ignore_index
+    # On a GPU the check would be a device sync before any kernel is queued; masking costs little there.
+    if labels.device.type == "cpu" and bool(valid.all()):
+        return labels, None
     return torch.where(valid, labels, torch.zeros_like(labels)), valid
+
+
+def _column(value: torch.Tensor | float) -> torch.Tensor | float:
+    """A per-row tensor as an [N, 1] column that broadcasts over classes; a scalar (or 0-dim) as itself."""
+    return value.unsqueeze(1) if isinstance(value, torch.Tensor) and value.dim() == 1 else value
 
 
 def target_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     targets: Targets,
     *,
     weight: torch.Tensor | None = None,
@@ -106,56 +120,113 @@ def target_cross_entropy(
     """Loss and gradient of ``sum_c w_c t_ic (-log p_ic)`` in one pass over the logits.
 
     ``labels`` are the safe labels (in [0, C)); ``valid`` masks the rows that
-    count. Ignored rows get zero loss and zero gradient. ``mean`` divides by
-    the summed target-class weights of the valid rows, as torch does; when
-    that sum is zero the loss is NaN (as in torch) and the gradient is zero.
+    count (None: all of them). Ignored rows get zero loss and zero gradient.
+    ``mean`` divides by the summed target-class weights of the valid rows, as
+    torch does; when that sum is zero the loss is NaN (as in torch) and the
+    gradient is zero.
+
+    On the CPU the cost is the op count as much as the bytes, so per-row factors
+    stay Python scalars where they are constant (no weights, no ignored rows).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
     dtype = compute_dtype(logits.dtype)
-    log_probs = torch.log_softmax(logits.to(dtype), dim=1)
-    probs = log_probs.exp()
-    mask = valid.to(dtype)
-    n_classes = logits.shape[1]
+    x = logits.to(dtype)
+    n_rows, n_classes = x.shape
+    # -log p_ic = log_norm_i - shifted_ic: a sum of two non-negative terms, each exact to a few ulps,
+    # from one exp pass (softmax) where log_softmax + exp would take two. At the row's maximum
+    # shifted is exactly 0 and softmax gives exactly 1 / sum_c exp(shifted_ic), so log_norm needs
+    # no second pass either.
+    row_max = x.amax(dim=1, keepdim=True)
+    shifted = x - row_max
+    probs = torch.softmax(x, dim=1)
+    log_norm = probs.amax(dim=1).log_().neg_()
+    shifted_at_label = shifted.gather(1, labels.unsqueeze(1)).squeeze(1)
+    mask = None if valid is None else valid.to(dtype)
     w = weight.to(dtype) if weight is not None else None
 
-    # q_ic = w_c t_ic = spike w_y [c == y] + base w_c + w_c dense_ic, term by term.
-    target_weight = w.index_select(0, labels) if w is not None else torch.ones_like(mask)  # w_{y_i}
-    spike = targets.spike * target_weight
-    weighted_dense = None if targets.dense is None else (targets.dense * w if w is not None else targets.dense)
-    per_sample = spike * log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
-    mass = spike.clone()  # sum_c q_ic
+    # q_ic = w_c t_ic = spike w_y [c == y] + base w_c + dense_scale w_c dense_ic, term by term:
+    # dot sums q_ic shifted_ic over c, mass sums q_ic.
+    target_weight = w.index_select(0, labels) if w is not None else None  # w_{y_i}
+    spike: torch.Tensor | float = targets.spike if target_weight is None else targets.spike * target_weight
+    dot = shifted_at_label * spike
+    mass: torch.Tensor | float = spike
     if targets.base:
-        per_sample += targets.base * (log_probs @ w if w is not None else log_probs.sum(dim=1))
-        mass += targets.base * (w.sum() if w is not None else n_classes)
-    if weighted_dense is not None:
-        per_sample += torch.linalg.vecdot(weighted_dense, log_probs)
-        mass += weighted_dense.sum(dim=1)
-    per_sample = -per_sample * mask
+        dot = dot + targets.base * (shifted @ w if w is not None else shifted.sum(dim=1))
+        mass = mass + targets.base * (w.sum() if w is not None else n_classes)
+    dense = None if targets.dense is None else (targets.dense * w if w is not None else targets.dense)
+    if dense is not None:
+        dot = dot + targets.dense_scale * torch.linalg.vecdot(dense, shifted)
+        mass = mass + targets.dense_scale * dense.sum(dim=1)
+    per_sample = mass * log_norm - dot
+    if mask is not None:
+        per_sample = per_sample * mask
 
-    row_scale = mask
+    # The factor each valid row's gradient is scaled by for the reduction (ignored rows: 0).
+    row_scale: torch.Tensor | float = 1.0 if mask is None else mask
     if reduction == "none":
         loss = per_sample
     elif reduction == "sum":
         loss = per_sample.sum()
+    elif mask is None and target_weight is None:
+        loss = per_sample.sum() / n_rows if n_rows else per_sample.sum() / 0.0  # NaN for an empty batch, as torch
+        row_scale = 1.0 / n_rows if n_rows else 0.0
     else:
-        denominator = (target_weight * mask).sum()
+        row_weight = target_weight if target_weight is not None else torch.ones_like(log_norm)
+        denominator = (row_weight * mask).sum() if mask is not None else row_weight.sum()
         loss = per_sample.sum() / denominator
-        row_scale = mask * torch.where(denominator > 0, 1.0 / denominator, torch.zeros_like(denominator))
+        reciprocal = torch.where(denominator > 0, 1.0 / denominator, torch.zeros_like(denominator))
+        row_scale = reciprocal if mask is None else mask * reciprocal
 
     grad: torch.Tensor | None = None
     if need_grad:
         # (sum_c q_c) p - q, with each row scaled for the reduction and ignored rows zeroed.
-        column = row_scale.unsqueeze(1)
-        grad = probs * (mass * row_scale).unsqueeze(1)
+        grad = probs * _column(mass * row_scale)
         if targets.base:
-            grad -= targets.base * (column * w if w is not None else column)
-        if weighted_dense is not None:
-            grad.addcmul_(weighted_dense, column, value=-1.0)
-        grad.scatter_add_(1, labels.unsqueeze(1), (-spike * row_scale).unsqueeze(1))
+            grad -= targets.base * (_column(row_scale) * w if w is not None else _column(row_scale))
+        if dense is not None:
+            dense_factor = row_scale * targets.dense_scale
+            if isinstance(dense_factor, torch.Tensor):
+                grad.addcmul_(dense, _column(dense_factor), value=-1.0)
+            else:
+                grad.add_(dense, alpha=-dense_factor)
+        spike_grad = spike * row_scale
+        if isinstance(spike_grad, torch.Tensor):
+            spike_column = spike_grad.neg().expand(n_rows).unsqueeze(1)
+        else:
+            spike_column = torch.full((n_rows, 1), -spike_grad, dtype=dtype, device=grad.device)
+        grad.scatter_add_(1, labels.unsqueeze(1), spike_column)
 
-    correct = valid & (probs.argmax(dim=1) == labels)
+    correct = predicts_label(x, row_max, shifted, shifted_at_label, labels)
+    if valid is not None:
+        correct &= valid
     return LossOutput(loss=loss, grad=grad, probs=probs, valid=valid, correct=correct)
+
+
+def predicts_label(
+    logits: torch.Tensor,
+    row_max: torch.Tensor,
+    shifted: torch.Tensor,
+    shifted_at_label: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """``logits.argmax(dim=1) == labels``, ties to the first maximum included, without argmax's
+    unvectorised pass on the CPU (about 6x a vectorised one at 256x1000).
+
+    ``shifted`` is ``logits - row_max`` (``row_max`` as ``amax(dim=1, keepdim=True)``): 0 at every
+    maximum, negative elsewhere; ``shifted_at_label`` is its entry at each row's label. A row with
+    one maximum predicts its label when the label's entry is 0; only rows with several maxima or a
+    non-finite maximum (NaN, inf) take argmax, which breaks ties and treats NaN as torch does.
+    """
+    if logits.device.type != "cpu":  # one fast kernel on a GPU, where the fallback would cost a sync
+        return logits.argmax(dim=1) == labels
+    at_max = shifted_at_label == 0
+    # sign() is -1 off the maximum and 0 on it, so a single maximum sums to exactly 1 - C.
+    several = (shifted.sign().sum(dim=1) != 1 - shifted.shape[1]) | ~row_max.squeeze(1).isfinite()
+    if bool(several.any()):
+        rows = several.nonzero().squeeze(1)
+        at_max[rows] = logits.index_select(0, rows).argmax(dim=1) == labels.index_select(0, rows)
+    return at_max
 
 
 def smoothed_cross_entropy(
