@@ -61,6 +61,18 @@ def encode(tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=list(tensor.shape), data=flat.view(torch.uint8).numpy().tobytes())
 
 
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes :func:`encode` sends, as a view of the tensor's memory (copied only if not contiguous on the CPU)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
+def encode_into(message: pb.Tensor, tensor: torch.Tensor) -> None:
+    """``message.CopyFrom(encode(tensor))`` with one copy of the bytes instead of three."""
+    message.dtype = wire_dtype(tensor.dtype)
+    message.shape.extend(tensor.shape)
+    message.data = byte_view(tensor).tobytes()
+
+
 def decode(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     """A read-only CPU tensor viewing the message's bytes without copying them."""
     dtype = torch_dtype(message, field)
@@ -92,13 +104,19 @@ def encode_gradient(grad: torch.Tensor, dtype: torch.dtype) -> tuple[pb.Tensor, 
     of two first (exact) keeps its full 11-bit precision. Other dtypes have
     float32's range and are sent as they are, with exponent 0.
     """
+    scaled, exponent = scale_gradient(grad, dtype)
+    return encode(scaled), exponent
+
+
+def scale_gradient(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """What :func:`encode_gradient` encodes: ``grad * 2^exponent`` in ``dtype``, and the exponent."""
     exponent = 0
     if dtype == torch.float16 and grad.numel():
         largest = float(grad.abs().max())
         if largest > 0:
             exponent = min(_FLOAT16_TOP_EXPONENT - math.frexp(largest)[1], 100)  # 2^exponent stays finite in float32
             grad = torch.ldexp(grad, torch.tensor(float(exponent), dtype=grad.dtype, device=grad.device))
-    return encode(grad.to(dtype)), exponent
+    return grad.to(dtype), exponent
 
 
 def unscale_gradient(grad: torch.Tensor, exponent: int, scale: torch.Tensor | float = 1.0) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 
@@ -102,6 +102,12 @@ def safe_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, 
     return torch.where(valid, labels, torch.zeros_like(labels)), valid
 
 
+@overload
+def _column(value: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _column(value: float) -> float: ...
+@overload
+def _column(value: torch.Tensor | float) -> torch.Tensor | float: ...
 def _column(value: torch.Tensor | float) -> torch.Tensor | float:
     """A per-row tensor as an [N, 1] column that broadcasts over classes; a scalar (or 0-dim) as itself."""
     return value.unsqueeze(1) if isinstance(value, torch.Tensor) and value.dim() == 1 else value

@@ -13,6 +13,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -53,9 +54,31 @@ def session_message(view: SessionView) -> pb.Session:
     )
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A LossResponse before its gradient is placed. The replay log keeps this, so a resend on any
+    stream gets the same bytes, inline or written straight into that stream's segment."""
+
+    response: pb.LossResponse  # every field but grad
+    grad: torch.Tensor | None  # contiguous, CPU, wire dtype, times 2^grad_exponent; never written to
+
+
+def _inline(answer: _Answer) -> pb.LossResponse:
+    if answer.grad is None:
+        return answer.response
+    response = pb.LossResponse()
+    response.CopyFrom(answer.response)
+    _codec.encode_into(response.grad, answer.grad)
+    return response
+
+
+# json.dumps with separators builds a new encoder per call; this one gives the same string in half the time.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _fingerprint(request: pb.LossRequest) -> str:
     """What a resend must repeat, as a string a snapshot can keep; the tensor bytes are not hashed (hot path)."""
-    return json.dumps(
+    return _COMPACT_JSON.encode(
         [
             request.need_grad,
             request.epoch if request.HasField("epoch") else None,
@@ -64,8 +87,7 @@ def _fingerprint(request: pb.LossRequest) -> str:
             shared_memory.tensor_nbytes(request.logits),  # the same whether inline or in shared memory
             request.labels.dtype,
             list(request.labels.shape),
-        ],
-        separators=(",", ":"),
+        ]
     )
 
 
@@ -182,35 +204,45 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # Losses ---------------------------------------------------------------
 
     def _compute(self, owner: str, request: pb.LossRequest) -> pb.LossResponse:
+        answer = self._answer(owner, request)
+        segment: _shm.Segment | None = getattr(self._segment, "current", None)
+        if segment is not None and request.HasField("grad_region") and answer.grad is not None:
+            placed = shared_memory.place_gradient(
+                request, answer.response, answer.grad, segment, self.shared_memory_stats
+            )
+            if placed is not None:
+                return placed
+        return _inline(answer)
+
+    def _answer(self, owner: str, request: pb.LossRequest) -> _Answer:
         session = self._store.get(owner, request.session)
         session.check_rank(request.rank)
         if not (request.training and request.request_id):
             return self._respond(owner, session, request)  # eval changes no state, so a resend may recompute
         fingerprint = _fingerprint(request)
-        return session.replay.run_once(  # type: ignore[return-value]
+        answer = session.replay.run_once(
             request.rank,
             request.request_id,
             fingerprint,
             lambda: self._respond(owner, session, request, fingerprint),
             recompute=lambda: self._respond(owner, session, request, count=False),
         )
+        assert isinstance(answer, _Answer)
+        return answer
 
     def _compute_shared(self, owner: str, request: pb.LossRequest, segment: _shm.Segment) -> pb.LossResponse:
         """A stream request with a shared-memory segment attached: tensors read from it, gradient written to it."""
         if shared_memory.uses_segment(request):
             self.shared_memory_stats.add("requests")
-        self._segment.current = segment  # read by _respond, on this worker thread
+        self._segment.current = segment  # read by _compute and _respond, on this worker thread
         try:
-            response = self._compute(owner, request)
+            return self._compute(owner, request)
         finally:
             self._segment.current = None
-        if request.HasField("grad_region"):
-            return shared_memory.place_gradient(request, response, segment, self.shared_memory_stats)
-        return response
 
     def _respond(
         self, owner: str, session: Session, request: pb.LossRequest, fingerprint: str = "", *, count: bool = True
-    ) -> pb.LossResponse:
+    ) -> _Answer:
         """``count=False`` answers a resend whose statistics were applied before a restart: same math, no counting."""
         batch = decode_batch(request, session.spec, getattr(self._segment, "current", None))
         training = request.training and count
@@ -234,10 +266,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             n_correct=output.n_correct,
             epoch=result.epoch,
         )
-        if output.grad is not None:
-            grad, response.grad_exponent = _codec.encode_gradient(output.grad, batch.logits.dtype)
-            response.grad.CopyFrom(grad)
-        return response
+        if output.grad is None:
+            return _Answer(response, None)
+        # Encoded only when sent: into a shared-memory segment it goes from this tensor's memory.
+        grad, response.grad_exponent = _codec.scale_gradient(output.grad, batch.logits.dtype)
+        return _Answer(response, grad.to("cpu").contiguous())
 
     async def ComputeLoss(self, request: pb.LossRequest, context: aio.ServicerContext) -> pb.LossResponse:
         return await self._run(self._compute, self._identify(context), request)

@@ -3,16 +3,17 @@
 A LossStream's client creates a /dev/shm segment and attaches it with a control
 request; the stream then keeps the mapping (one per stream, dropped when the
 stream ends) and its requests name regions of it instead of carrying bytes.
-Logits are decoded as a zero-copy view of the segment: the client writes the
-next request only after it got this one's response, by which time the math is
-done. Labels are copied (N x 8 bytes), so the values validated are the values
-used. The gradient is written into the region the request offers.
+The server never maps the client's file (a client shrinking it would make that
+SIGBUS): logits and labels are copied out with preadv, so the values validated
+are the values used, and the gradient is written with pwrite straight from the
+tensor's memory into the region the request offers.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import torch
@@ -95,36 +96,34 @@ def decode(message: pb.Tensor, field_name: str, segment: _shm.Segment | None) ->
 
 
 def place_gradient(
-    request: pb.LossRequest, response: pb.LossResponse, segment: _shm.Segment, stats: SharedMemoryStats
-) -> pb.LossResponse:
-    """The response to send: its gradient moved into the region the request offered, when it fits.
+    request: pb.LossRequest,
+    response: pb.LossResponse,
+    grad: torch.Tensor,
+    segment: _shm.Segment,
+    stats: SharedMemoryStats,
+) -> pb.LossResponse | None:
+    """``response`` with ``grad`` written straight from the tensor's memory into the region the request
+    offered (no bytes object in between); None when it does not fit: the caller sends it inline.
 
     ``response`` itself is left as it is: the replay log may keep it for a resend,
     which can arrive on another stream with another segment.
     """
     region = request.grad_region
-    if not response.HasField("grad") or not response.grad.data:
-        return response
-    data = response.grad.data
-    if len(data) > region.nbytes or not segment.contains(region.offset, len(data)):
-        return response  # inline, as without shared memory
+    data = _codec.byte_view(grad)
+    if not data.nbytes or data.nbytes > region.nbytes or not segment.contains(region.offset, data.nbytes):
+        return None
     try:
-        segment.write_bytes(region.offset, data)
+        # pwrite on the descriptor, never a mapping: see _shm.Segment. It takes any buffer, not just bytes.
+        segment.write_bytes(region.offset, cast(bytes, data))
     except OSError:
-        return response  # /dev/shm full, say: inline, as without shared memory
-    slim = pb.LossResponse()
-    for descriptor, value in response.ListFields():
-        if descriptor.name == "grad":
-            continue
-        if descriptor.message_type is not None:
-            getattr(slim, descriptor.name).CopyFrom(value)
-        else:
-            setattr(slim, descriptor.name, value)
-    slim.grad.dtype = response.grad.dtype
-    slim.grad.shape.extend(response.grad.shape)
-    slim.grad.shared.CopyFrom(_shm.region(region.offset, len(data)))
+        return None  # /dev/shm full, say: inline, as without shared memory
+    placed = pb.LossResponse()
+    placed.CopyFrom(response)
+    placed.grad.dtype = _codec.wire_dtype(grad.dtype)
+    placed.grad.shape.extend(grad.shape)
+    placed.grad.shared.CopyFrom(_shm.region(region.offset, data.nbytes))
     stats.add("gradients")
-    return slim
+    return placed
 
 
 def uses_segment(request: pb.LossRequest) -> bool:

@@ -1,0 +1,82 @@
+"""The server's per-request shortcuts outside the math give the answers the plain code gave:
+the fingerprint string snapshots keep, the one-pass finite and label checks, and the gradient
+written into shared memory straight from the tensor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lossd import _codec, _shm
+from lossd._exceptions import InvalidArgumentError
+from lossd._spec import SessionSpec
+from lossd.v1 import loss_service_pb2 as pb
+from lossd_server import shared_memory
+from lossd_server.batch import decode_batch
+from lossd_server.servicer import _fingerprint
+
+C = 7
+SPEC = SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1)
+
+
+def loss_request(logits: torch.Tensor, labels: torch.Tensor) -> pb.LossRequest:
+    return pb.LossRequest(logits=_codec.encode(logits), labels=_codec.encode(labels))
+
+
+def test_fingerprint_is_the_string_snapshots_keep() -> None:
+    request = loss_request(torch.zeros(4, C), torch.zeros(4, dtype=torch.int64))
+    request.need_grad, request.epoch = True, 3
+    assert _fingerprint(request) == "[true,3,1,[4,7],112,4,[4]]"
+    request.ClearField("epoch")
+    expected = json.dumps([True, None, 1, [4, 7], 112, 4, [4]], separators=(",", ":"))
+    assert _fingerprint(request) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("at", [0, 37, 40 * C - 1])
+def test_any_non_finite_logit_is_refused(dtype: torch.dtype, bad: float, at: int) -> None:
+    logits = torch.randn(40, C).to(dtype)
+    logits.view(-1)[at] = bad
+    with pytest.raises(InvalidArgumentError, match="NaN or infinity"):
+        decode_batch(loss_request(logits, torch.zeros(40, dtype=torch.int64)), SPEC)
+
+
+def test_labels_out_of_range_are_refused_and_ignore_index_is_kept() -> None:
+    logits = torch.randn(3, C)
+    batch = decode_batch(loss_request(logits, torch.tensor([0, SPEC.ignore_index, C - 1])), SPEC)
+    assert batch.labels.tolist() == [0, SPEC.ignore_index, C - 1]
+    for bad in (C, -1):
+        with pytest.raises(InvalidArgumentError, match=f"labels: {bad} is outside"):
+            decode_batch(loss_request(logits, torch.tensor([0, bad, 1], dtype=torch.int32)), SPEC)
+    empty = decode_batch(loss_request(torch.empty(0, C), torch.empty(0, dtype=torch.int64)), SPEC)
+    assert empty.logits.shape == (0, C)
+
+
+@pytest.mark.skipif(not _shm.available(), reason="no writable /dev/shm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_lands_in_the_segment_as_encode_would_send_it(dtype: torch.dtype) -> None:
+    client, nonce = _shm.Segment.create(1 << 20)
+    stats = shared_memory.SharedMemoryStats()
+    attach = pb.SharedMemoryAttach(name=client.name, size=client.size, nonce=nonce)
+    _, server = shared_memory.attach(pb.LossRequest(attach_shared_memory=attach), 1 << 20, stats)
+    client.unlink()
+    assert server is not None
+    grad = torch.randn(C, 5).T.to(dtype)  # not contiguous
+    nbytes = grad.numel() * grad.element_size()
+    response = pb.LossResponse(request_id="r", loss=_codec.encode(torch.tensor(1.5)), grad_exponent=2)
+    request = pb.LossRequest(grad_region=_shm.region(128, nbytes))
+
+    placed = shared_memory.place_gradient(request, response, grad, server, stats)
+
+    assert placed is not None and not response.HasField("grad")  # the kept response is left as it was
+    assert bytes(client.view(128, torch.uint8, (nbytes,)).numpy()) == _codec.encode(grad).data
+    assert (placed.grad.dtype, list(placed.grad.shape)) == (_codec.wire_dtype(dtype), [5, C])
+    assert (placed.grad.shared.offset, placed.grad.shared.nbytes, placed.grad_exponent) == (128, nbytes, 2)
+    assert placed.request_id == "r" and placed.loss == response.loss and stats.gradients == 1
+    small = pb.LossRequest(grad_region=_shm.region(128, nbytes - 1))
+    assert shared_memory.place_gradient(small, response, grad, server, stats) is None  # inline instead
+    assert shared_memory.place_gradient(request, response, grad[:0], server, stats) is None
