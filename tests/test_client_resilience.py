@@ -22,7 +22,7 @@ from tests.conftest import ComputeGate
 
 
 def _readers() -> int:
-    return sum(1 for thread in threading.enumerate() if thread.name == "lossd-stream-reader")
+    return sum(1 for thread in threading.enumerate() if thread.name == "lossd-stream-watchdog")
 
 
 def _wait_for_readers(count: int) -> int:

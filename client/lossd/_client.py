@@ -46,7 +46,7 @@ class _Connection:
                 raise RuntimeError("this lossd.Client is closed")
             if self._stream is None or not self._stream.usable:
                 if self._stream is not None:
-                    self._stream.close()  # ends its reader thread
+                    self._stream.close()  # ends its watchdog thread
                 self._stream = LossStream(stub, timeout, shared_memory_limit=shared_memory_limit)
             return self._stream
 

@@ -59,7 +59,7 @@ def segment_size(needed: int) -> int:
 
 
 def nbytes_of(dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 class Segment:

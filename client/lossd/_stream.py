@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -24,7 +25,8 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
 _END = object()
-READER_GRACE_SECONDS = 1.0
+# The longest the watchdog sleeps: how soon it ends after the server ended an idle call.
+WATCHDOG_WAKE_SECONDS = 1.0
 
 
 class LossStream:
@@ -46,30 +48,25 @@ class LossStream:
         self.shm_segment: _shm.Segment | None = None
         self.shm_attaches = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._responses: queue.SimpleQueue[pb.LossResponse | LossdError] = queue.SimpleQueue()
         self._call: Any = stub.LossStream(iter(self._requests.get, _END))
         self._lock = threading.Lock()
         self._broken = False
-        # gRPC's response iterator cannot wait with a timeout, so a reader thread
-        # hands responses over through a queue that can.
-        threading.Thread(target=self._read, name="lossd-stream-reader", daemon=True).start()
+        self._closed = threading.Event()
+        # The caller waits on gRPC's response iterator itself: a reader thread handing responses over
+        # would cost a thread wake-up per request. That iterator cannot wait with a timeout, so a
+        # watchdog thread cancels the call once the request in flight is past its deadline. It reads
+        # _deadline, so a request costs no signalling; _deadline_lock keeps "answered" and "expired"
+        # exclusive, so a request answered in time is never reported as timed out.
+        self._deadline: float | None = None
+        self._expired = False
+        self._deadline_lock = threading.Lock()
+        if timeout is not None:
+            threading.Thread(target=self._watch, args=(timeout,), name="lossd-stream-watchdog", daemon=True).start()
 
     @property
     def usable(self) -> bool:
         """False once broken, or once the call ended while idle (say, the server restarted)."""
         return not self._broken and not self._call.done()
-
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self._responses.put(response)
-            self._responses.put(UnavailableError("the server closed the loss stream"))
-        except grpc.RpcError as error:
-            failure = from_rpc_error(error)
-            failure.__cause__ = error
-            self._responses.put(failure)
-        except Exception as error:
-            self._responses.put(InternalError(f"loss stream reader failed: {type(error).__name__}: {error}"))
 
     def call(self, request: pb.LossRequest) -> pb.LossResponse:
         with self._lock:
@@ -95,8 +92,8 @@ class LossStream:
             end = grad_at + (logits.nbytes if request.need_grad else 0)
             segment = self._segment_for(end)
             if segment is None:
-                attempt.logits.CopyFrom(_codec.encode(logits))
-                attempt.labels.CopyFrom(_codec.encode(labels))
+                _codec.encode_into(attempt.logits, logits)
+                _codec.encode_into(attempt.labels, labels)
             else:
                 for field, tensor, offset in (("logits", logits, logits_at), ("labels", labels, labels_at)):
                     segment.view(offset, tensor.dtype, tuple(tensor.shape)).copy_(tensor.detach())
@@ -165,40 +162,74 @@ class LossStream:
         """Send one request and wait for its response; the caller holds the lock."""
         if not self.usable:
             raise self._why_closed()
+        if self._timeout is not None:
+            self._deadline = time.monotonic() + self._timeout
         try:
             self._requests.put(request)
-            item = self._responses.get(timeout=self._timeout)
-        except queue.Empty:
-            self.close()
-            raise DeadlineExceededError(f"no response on the loss stream within {self._timeout} s") from None
-        except BaseException:  # KeyboardInterrupt while waiting: the answer would arrive out of step
-            self.close()
+            item: pb.LossResponse = next(self._call)
+        except grpc.RpcError as error:
+            if self._abandon():
+                raise DeadlineExceededError(f"no response on the loss stream within {self._timeout} s") from None
+            raise from_rpc_error(error) from error
+        except StopIteration:
+            self._abandon()
+            raise UnavailableError("the server closed the loss stream") from None
+        except BaseException:  # KeyboardInterrupt while waiting, say
+            self._abandon()
             raise
-        if isinstance(item, LossdError):
-            self.close()
-            raise item
+        if self._answered():
+            self.close()  # the watchdog cancelled the call as this answer came in: keep the answer, not the stream
         if item.request_id != request.request_id:
             self.close()
             raise InternalError(f"loss stream out of step: sent {request.request_id!r}, got {item.request_id!r}")
         return item
 
+    def _abandon(self) -> bool:
+        """Close the stream after a failed wait (an answer would now arrive out of step):
+        whether the watchdog had cancelled the call for its deadline."""
+        expired = self._answered()
+        self.close()
+        return expired
+
+    def _answered(self) -> bool:
+        """Clear the deadline of the request in flight: whether the watchdog had already expired it."""
+        with self._deadline_lock:
+            self._deadline = None
+            return self._expired
+
+    def _watch(self, timeout: float) -> None:
+        """Cancel the call once the request in flight is past its deadline; end with the call."""
+        longest = min(timeout, WATCHDOG_WAKE_SECONDS)
+        wait = longest
+        while not self._closed.wait(wait):
+            if self._call.done() or self._expire_if_late():
+                return
+            deadline = self._deadline  # sleep until it, so a late request is cancelled on time
+            wait = longest if deadline is None else min(longest, max(deadline - time.monotonic(), 0.0))
+
+    def _expire_if_late(self) -> bool:
+        """Cancel the call if the request in flight is past its deadline; whether it was."""
+        with self._deadline_lock:
+            deadline = self._deadline
+            if deadline is None or time.monotonic() < deadline:
+                return False
+            self._expired = True
+        self.close()
+        return True
+
     def _why_closed(self) -> LossdError:
-        """The error the reader saw when the call ended, rather than a generic one that hides it."""
-        try:
-            # A call the server ended is done a moment before the reader has queued its status.
-            item = (
-                self._responses.get(timeout=READER_GRACE_SECONDS) if not self._broken else self._responses.get_nowait()
-            )
-        except queue.Empty:
+        """The status the server ended the call with, rather than a generic error that hides it."""
+        if self._broken or not self._call.done():
             return UnavailableError("the loss stream is closed")
-        if isinstance(item, LossdError):
-            return item
-        return UnavailableError("the loss stream is closed")
+        if self._call.code() == grpc.StatusCode.OK:
+            return UnavailableError("the server closed the loss stream")
+        return from_rpc_error(self._call)
 
     def close(self) -> None:
-        """Cancel the call; the reader thread ends with it."""
+        """Cancel the call and end the watchdog."""
         if not self._broken:
             self._broken = True
+            self._closed.set()
             self._requests.put(_END)
             self._call.cancel()
             self.shm_segment = None  # unmapped once the last tensor viewing it goes

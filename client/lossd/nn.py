@@ -110,6 +110,16 @@ class _CachedLoss(_RemoteLoss):
         return output.loss.to(device=logits.device, dtype=loss_dtype)
 
 
+def _unchanged(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
+def _class_dim_last(input: torch.Tensor, dim: int) -> torch.Tensor:
+    """``input`` with dim ``dim`` moved last; itself when it is last already, so backward has no permute node."""
+    last = input.dim() - 1
+    return input if last >= 0 and dim in (last, -1) else input.movedim(dim, -1)
+
+
 def _private_name() -> str:
     return f"private-{uuid.uuid4().hex}"
 
@@ -241,6 +251,8 @@ class RemoteLoss(nn.Module):
         self, input: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """([M, C] logits, [M] labels, the inverse for per-sample losses). Class dim last by default."""
+        if input.dim() == 2 and target.dim() == 1:  # already flat: a reshape would add a view node to backward
+            return input, target, _unchanged
         out_shape = input.shape[:-1]
         return input.reshape(-1, input.shape[-1]), target.reshape(-1), lambda loss: loss.reshape(out_shape)
 
@@ -336,7 +348,7 @@ class CrossEntropyLoss(RemoteLoss):
     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         if input.dim() == 1:  # unbatched [C] with a scalar target
             return input.unsqueeze(0), target.reshape(1), lambda loss: loss.reshape(())
-        return super()._flatten(input.movedim(1, -1), target)
+        return super()._flatten(_class_dim_last(input, 1), target)
 
 
 class LabelSmoothingLoss(RemoteLoss):
@@ -369,7 +381,7 @@ class LabelSmoothingLoss(RemoteLoss):
     def _flatten(
         self, input: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        return super()._flatten(input.movedim(self.dim, -1), target)
+        return super()._flatten(_class_dim_last(input, self.dim), target)
 
 
 class OnlineLabelSmoothing(RemoteLoss):
