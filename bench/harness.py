@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
         "--stream-kwargs", type=json.loads, help="OnlineLabelSmoothing kwargs for remote_f32/bf16 (JSON)"
     )
     parser.add_argument("--cached-kwargs", type=json.loads, help="OnlineLabelSmoothing kwargs for cached (JSON)")
+    parser.add_argument(
+        "--compile-math",
+        action="store_true",
+        help="torch.compile the loss math: server_math, the server (--compile-math) and the cached path",
+    )
     parser.add_argument("--list", action="store_true", help="list the paths and exit")
     return parser
 
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         options["stream"] = dict(args.stream_kwargs)
     if args.cached_kwargs is not None:
         options["cached"] = dict(args.cached_kwargs)
+    elif args.compile_math:
+        options["cached"] = {"cached": True, "compile_math": True}
     info = machine.describe(str(device))
     print(machine.header(info))
     print(f"{repeats} interleaved rounds per shape after {warmup} warm-up rounds; median per path", flush=True)
@@ -268,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     if REMOTE.intersection(names):
         extra = ["--matrix-memory-bytes", str(args.server_budget)] if args.server_budget else []
+        if args.compile_math:
+            extra += ["--compile-math", "true"]
         server = ServerProcess(torch_threads=args.server_threads, device=args.device, extra=extra)
         print(f"server: {' '.join(server.argv[1:])} (pid {server.pid}, {server.target})", flush=True)
     rows: list[dict[str, Any]] = []
     try:
-        ctx = Context(device=device, target=server.target if server else None, options=options)
+        ctx = Context(
+            device=device, target=server.target if server else None, options=options, compile_math=args.compile_math
+        )
         for n, c in shapes:
             started = time.monotonic()
             for name, result in run_shape(ctx, n, c, names, repeats, warmup).items():

@@ -33,6 +33,7 @@ class Context:
     device: torch.device
     target: str | None  # the child server's address; None: no remote paths
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # --shm-kwargs / --cached-kwargs overrides
+    compile_math: bool = False  # server_math through torch.compile (--compile-math)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def server_math(ctx: Context, n: int, c: int) -> Step:
     counts = torch.zeros(c, dtype=torch.int64, device=ctx.device)
 
     def run() -> None:
-        output = LF.online_label_smoothing(z, labels, soft, alpha=ALPHA)
+        output = LF.online_label_smoothing(z, labels, soft, alpha=ALPHA, compiled=ctx.compile_math)
         rows, probs = LF.correct_rows(output, labels)
         accumulator.index_add_(0, rows, probs)
         counts.index_add_(0, rows, torch.ones_like(rows))

@@ -123,4 +123,8 @@ def unscale_gradient(grad: torch.Tensor, exponent: int, scale: torch.Tensor | fl
     """``grad * scale / 2^exponent`` computed in float32 (float64 for float64), returned in ``grad``'s dtype."""
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
     factor = scale * 2.0**-exponent if exponent else scale
+    if not isinstance(factor, torch.Tensor) or factor.dim() == 0:
+        # A scalar factor keeps grad's dtype, and torch computes half-precision products in float32
+        # before rounding once: the same bits as the explicit upcast, without two [N, C] copies.
+        return grad * factor
     return (grad.to(compute) * factor).to(grad.dtype)

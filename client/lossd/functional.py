@@ -70,16 +70,17 @@ def smoothing_values(n_classes: int, smoothing: float, convention: Convention) -
 @dataclass(frozen=True)
 class Targets:
     """Per-sample target distributions in factored form, so they are never built densely
-    unless they must be: ``t_ic = dense_scale * dense_ic + base + spike * [c == y_i]``.
+    unless they must be: ``t_ic = table_scale * table[y_i, c] + base + spike * [c == y_i]``.
 
-    ``dense_scale`` is kept apart from ``dense`` (OLS's ``1 - alpha`` times a gather of the
-    soft labels) so it folds into per-row scalars instead of costing a pass over [N, C].
+    ``table`` is OLS's class-major soft labels; the loss gathers its rows by label itself (so a
+    compiled loss fuses the gather into its loops), and ``table_scale`` (``1 - alpha``) folds into
+    per-row scalars instead of costing a pass over [N, C].
     """
 
     spike: float
     base: float = 0.0
-    dense: torch.Tensor | None = None  # [N, C]
-    dense_scale: float = 1.0
+    table: torch.Tensor | None = None  # [C, C], row k: the soft target of class k
+    table_scale: float = 1.0
 
 
 def smoothed_targets(n_classes: int, smoothing: float, convention: Convention) -> Targets:
@@ -87,9 +88,9 @@ def smoothed_targets(n_classes: int, smoothing: float, convention: Convention) -
     return Targets(spike=on - off, base=off)
 
 
-def ols_targets(labels: torch.Tensor, soft_labels: torch.Tensor, alpha: float, dtype: torch.dtype) -> Targets:
+def ols_targets(soft_labels: torch.Tensor, alpha: float) -> Targets:
     """OLS: ``alpha * onehot(y) + (1 - alpha) * S[:, y]`` with class-major ``soft_labels``."""
-    return Targets(spike=alpha, dense=soft_labels.index_select(0, labels).to(dtype), dense_scale=1.0 - alpha)
+    return Targets(spike=alpha, table=soft_labels, table_scale=1.0 - alpha)
 
 
 def safe_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -122,6 +123,7 @@ def target_cross_entropy(
     weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     need_grad: bool = True,
+    compiled: bool = False,
 ) -> LossOutput:
     """Loss and gradient of ``sum_c w_c t_ic (-log p_ic)`` in one pass over the logits.
 
@@ -131,11 +133,46 @@ def target_cross_entropy(
     torch does; when that sum is zero the loss is NaN (as in torch) and the
     gradient is zero.
 
-    On the CPU the cost is the op count as much as the bytes, so per-row factors
-    stay Python scalars where they are constant (no weights, no ignored rows).
+    ``compiled=True`` runs the same math through ``torch.compile`` (see
+    :mod:`lossd._compiled`): a few fused kernels instead of ~30 ops, the same
+    numbers to rounding; it falls back to this eager code where compiling fails.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
+    args = (logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale, weight)
+    if compiled:
+        from lossd._compiled import compiled_loss_terms
+
+        terms = compiled_loss_terms(loss_terms, *args, reduction=reduction, need_grad=need_grad)
+    else:
+        terms = loss_terms(*args, reduction=reduction, need_grad=need_grad)
+    loss, grad, probs, at_max, several = terms
+    correct = break_ties(logits, labels, at_max, several)
+    if valid is not None:
+        correct &= valid
+    return LossOutput(loss=loss, grad=grad, probs=probs, valid=valid, correct=correct)
+
+
+def loss_terms(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor | None,
+    spike: float | torch.Tensor,
+    base: float | torch.Tensor,
+    table: torch.Tensor | None,
+    table_scale: float | torch.Tensor,
+    weight: torch.Tensor | None,
+    *,
+    reduction: Reduction,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The body of :func:`target_cross_entropy`, free of data-dependent control flow so that
+    ``torch.compile`` traces it whole: (loss, grad, probs, label at the row maximum, rows whose
+    argmax needs a tie-break or None). The scalars may be 0-dim tensors (the compiled path passes
+    them so, so a new alpha is data, not a recompile); a ``base`` of exactly 0.0 skips its term.
+    On the CPU the cost is the op count as much as the bytes, so per-row factors stay Python
+    scalars where they are constant (no weights, no ignored rows).
+    """
     dtype = compute_dtype(logits.dtype)
     x = logits.to(dtype)
     n_rows, n_classes = x.shape
@@ -151,19 +188,22 @@ def target_cross_entropy(
     mask = None if valid is None else valid.to(dtype)
     w = weight.to(dtype) if weight is not None else None
 
-    # q_ic = w_c t_ic = spike w_y [c == y] + base w_c + dense_scale w_c dense_ic, term by term:
+    # q_ic = w_c t_ic = spike w_y [c == y] + base w_c + table_scale w_c table[y_i, c], term by term:
     # dot sums q_ic shifted_ic over c, mass sums q_ic.
     target_weight = w.index_select(0, labels) if w is not None else None  # w_{y_i}
-    spike: torch.Tensor | float = targets.spike if target_weight is None else targets.spike * target_weight
-    dot = shifted_at_label * spike
-    mass: torch.Tensor | float = spike
-    if targets.base:
-        dot = dot + targets.base * (shifted @ w if w is not None else shifted.sum(dim=1))
-        mass = mass + targets.base * (w.sum() if w is not None else n_classes)
-    dense = None if targets.dense is None else (targets.dense * w if w is not None else targets.dense)
-    if dense is not None:
-        dot = dot + targets.dense_scale * torch.linalg.vecdot(dense, shifted)
-        mass = mass + targets.dense_scale * dense.sum(dim=1)
+    row_spike: torch.Tensor | float = spike if target_weight is None else spike * target_weight
+    dot = shifted_at_label * row_spike
+    mass: torch.Tensor | float = row_spike
+    if not isinstance(base, float) or base:
+        dot = dot + base * (shifted @ w if w is not None else shifted.sum(dim=1))
+        mass = mass + base * (w.sum() if w is not None else n_classes)
+    dense = None
+    if table is not None:
+        dense = table.index_select(0, labels).to(dtype)
+        if w is not None:
+            dense = dense * w
+        dot = dot + table_scale * torch.linalg.vecdot(dense, shifted)
+        mass = mass + table_scale * dense.sum(dim=1)
     per_sample = mass * log_norm - dot
     if mask is not None:
         per_sample = per_sample * mask
@@ -188,49 +228,39 @@ def target_cross_entropy(
     if need_grad:
         # (sum_c q_c) p - q, with each row scaled for the reduction and ignored rows zeroed.
         grad = probs * _column(mass * row_scale)
-        if targets.base:
-            grad -= targets.base * (_column(row_scale) * w if w is not None else _column(row_scale))
+        if not isinstance(base, float) or base:
+            grad -= base * (_column(row_scale) * w if w is not None else _column(row_scale))
         if dense is not None:
-            dense_factor = row_scale * targets.dense_scale
+            dense_factor = row_scale * table_scale
             if isinstance(dense_factor, torch.Tensor):
                 grad.addcmul_(dense, _column(dense_factor), value=-1.0)
             else:
                 grad.add_(dense, alpha=-dense_factor)
-        spike_grad = spike * row_scale
+        spike_grad = row_spike * row_scale
         if isinstance(spike_grad, torch.Tensor):
-            spike_column = spike_grad.neg().expand(n_rows).unsqueeze(1)
+            spike_column = spike_grad.neg().to(dtype).expand(n_rows).unsqueeze(1)
         else:
-            spike_column = torch.full((n_rows, 1), -spike_grad, dtype=dtype, device=grad.device)
+            spike_column = torch.full((n_rows, 1), -spike_grad, dtype=dtype, device=x.device)
         grad.scatter_add_(1, labels.unsqueeze(1), spike_column)
 
-    correct = predicts_label(x, row_max, shifted, shifted_at_label, labels)
-    if valid is not None:
-        correct &= valid
-    return LossOutput(loss=loss, grad=grad, probs=probs, valid=valid, correct=correct)
+    if x.device.type != "cpu":  # argmax is one fast kernel on a GPU, where a tie fallback would cost a sync
+        return loss, grad, probs, x.argmax(dim=1) == labels, None
+    # argmax's CPU pass is unvectorised (about 6x a vectorised one at 256x1000). At every maximum
+    # shifted is 0 and elsewhere negative, so sign() sums to exactly 1 - C in a row with one
+    # maximum, where the label is predicted iff its entry is 0. Rows with several maxima or a
+    # non-finite maximum (NaN, inf) are left to break_ties.
+    several = (shifted.sign().sum(dim=1) != 1 - n_classes) | ~row_max.squeeze(1).isfinite()
+    return loss, grad, probs, shifted_at_label == 0, several
 
 
-def predicts_label(
-    logits: torch.Tensor,
-    row_max: torch.Tensor,
-    shifted: torch.Tensor,
-    shifted_at_label: torch.Tensor,
-    labels: torch.Tensor,
+def break_ties(
+    logits: torch.Tensor, labels: torch.Tensor, at_max: torch.Tensor, several: torch.Tensor | None
 ) -> torch.Tensor:
-    """``logits.argmax(dim=1) == labels``, ties to the first maximum included, without argmax's
-    unvectorised pass on the CPU (about 6x a vectorised one at 256x1000).
-
-    ``shifted`` is ``logits - row_max`` (``row_max`` as ``amax(dim=1, keepdim=True)``): 0 at every
-    maximum, negative elsewhere; ``shifted_at_label`` is its entry at each row's label. A row with
-    one maximum predicts its label when the label's entry is 0; only rows with several maxima or a
-    non-finite maximum (NaN, inf) take argmax, which breaks ties and treats NaN as torch does.
-    """
-    if logits.device.type != "cpu":  # one fast kernel on a GPU, where the fallback would cost a sync
-        return logits.argmax(dim=1) == labels
-    at_max = shifted_at_label == 0
-    # sign() is -1 off the maximum and 0 on it, so a single maximum sums to exactly 1 - C.
-    several = (shifted.sign().sum(dim=1) != 1 - shifted.shape[1]) | ~row_max.squeeze(1).isfinite()
-    if bool(several.any()):
+    """``logits.argmax(dim=1) == labels`` from :func:`loss_terms`' answer: argmax (first maximum,
+    NaN as torch treats it) runs only on the rows flagged ``several``."""
+    if several is not None and bool(several.any()):
         rows = several.nonzero().squeeze(1)
+        at_max = at_max.clone()
         at_max[rows] = logits.index_select(0, rows).argmax(dim=1) == labels.index_select(0, rows)
     return at_max
 
@@ -245,13 +275,14 @@ def smoothed_cross_entropy(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduction: Reduction = "mean",
     need_grad: bool = True,
+    compiled: bool = False,
 ) -> LossOutput:
     """Cross-entropy with label smoothing. ``uniform`` with any ``smoothing`` equals
     ``F.cross_entropy(logits, labels, weight=, ignore_index=, reduction=, label_smoothing=)``."""
     labels_safe, valid = safe_labels(labels, ignore_index)
     targets = smoothed_targets(logits.shape[1], smoothing, convention)
     return target_cross_entropy(
-        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, compiled=compiled
     )
 
 
@@ -265,12 +296,13 @@ def online_label_smoothing(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduction: Reduction = "mean",
     need_grad: bool = True,
+    compiled: bool = False,
 ) -> LossOutput:
     """``alpha * CE(z, y) + (1 - alpha) * sum_c -S[c, y] log p_c`` with class-major ``soft_labels``."""
     labels_safe, valid = safe_labels(labels, ignore_index)
-    targets = ols_targets(labels_safe, soft_labels, alpha, compute_dtype(logits.dtype))
+    targets = ols_targets(soft_labels, alpha)
     return target_cross_entropy(
-        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, compiled=compiled
     )
 
 

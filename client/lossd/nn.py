@@ -100,6 +100,7 @@ class _CachedLoss(_RemoteLoss):
             ignore_index=spec.ignore_index,
             reduction=spec.reduction,
             need_grad=need_grad,
+            compiled=module.compile_math,
         )
         if not bool(torch.isfinite(output.loss).all()) and not bool(torch.isfinite(logits).all()):
             raise InvalidArgumentError("logits: contains NaN or infinity")
@@ -404,6 +405,9 @@ class OnlineLabelSmoothing(RemoteLoss):
     accumulated here in float64 and uploaded in the background every
     ``upload_every`` training steps or ``upload_seconds`` seconds (None: only at
     :meth:`next_epoch`, which uploads the rest before it arrives at the barrier).
+    ``compile_math=True`` runs that local math through ``torch.compile`` (fused
+    kernels, the same numbers to rounding; needs a C++ compiler, or Triton on a
+    GPU, and compiles for seconds on first use; eager where compiling fails).
     """
 
     _epoch_tagged = True
@@ -424,13 +428,17 @@ class OnlineLabelSmoothing(RemoteLoss):
         cached: bool = False,
         upload_every: int | None = 100,
         upload_seconds: float | None = 10.0,
+        compile_math: bool = False,
         **connection: Any,
     ) -> None:
+        if compile_math and not cached:
+            raise ValueError("compile_math: applies to cached=True (the server's --compile-math covers remote mode)")
         if upload_every is not None and upload_every < 1:
             raise ValueError(f"upload_every: expected a positive number of steps or None but got {upload_every}")
         if upload_seconds is not None and upload_seconds <= 0:
             raise ValueError(f"upload_seconds: expected a positive number of seconds or None but got {upload_seconds}")
         self.cached, self.upload_every, self.upload_seconds = cached, upload_every, upload_seconds
+        self.compile_math = compile_math
         self._cache: EpochCache | None = None
         world_size, rank = resolve_ranks(world_size, rank)
         if world_size > 1 and connection.get("session") is None:

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     )
     workers: int = Field(8, ge=1, description="Threads that run the loss math.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    compile_math: bool = Field(
+        False,
+        description="Run the loss math through torch.compile: fused kernels, the same numbers to rounding. "
+        "Needs a C++ compiler (and Triton on a GPU); the first request of each kind compiles for seconds. "
+        "Falls back to eager math, with a warning, where compiling fails.",
+    )
     grace_seconds: float = Field(5.0, ge=0, le=60, description="How long SIGTERM waits for calls in flight.")
     store: Literal["sqlite", "memory"] = Field(
         "sqlite", description="sqlite keeps sessions in --state-dir across restarts; memory loses them."

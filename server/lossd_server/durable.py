@@ -61,10 +61,12 @@ class DurableStore:
         snapshot_seconds: float = 5.0,
         history_bytes: int = 64 << 20,
         idle_ttl_seconds: float = 1800.0,
+        compiled_math: bool = False,
     ) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
         self._device = device
+        self._compiled_math = compiled_math
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self._matrix_memory_bytes = matrix_memory_bytes
@@ -144,7 +146,13 @@ class DurableStore:
         if stored is None:
             raise NotFoundError(f"session {key[1]!r} not found")
         self._check_capacity(key[1], stored.spec, new=False)
-        session = Session.from_stored(stored, self._device, self._replay, self._seen(stored.incarnation, stored.epoch))
+        session = Session.from_stored(
+            stored,
+            self._device,
+            self._replay,
+            self._seen(stored.incarnation, stored.epoch),
+            compiled_math=self._compiled_math,
+        )
         self._attach(key, session)
         if session.samples_lost:
             log.warning(
@@ -191,7 +199,7 @@ class DurableStore:
             if key in self._resident or key in self._known:
                 return reuse(self.get(owner, name), spec), False
             self._check_capacity(name, spec, new=True)
-            session = Session(name, spec, self._device, self._replay)
+            session = Session(name, spec, self._device, self._replay, compiled_math=self._compiled_math)
             self._db.put_session(owner, name, session.incarnation, spec, session.created_at)
             self._known.add(key)
             return self._attach(key, session), True
@@ -349,6 +357,7 @@ def open_store(settings: Settings, device: torch.device) -> SessionStore:
             max_sessions=settings.max_sessions,
             matrix_memory_bytes=settings.matrix_memory_bytes,
             replay=replay,
+            compiled_math=settings.compile_math,
         )
     return DurableStore(
         settings.resolved_state_dir,
@@ -359,4 +368,5 @@ def open_store(settings: Settings, device: torch.device) -> SessionStore:
         snapshot_seconds=settings.snapshot_seconds,
         history_bytes=settings.history_bytes,
         idle_ttl_seconds=settings.idle_ttl_seconds,
+        compiled_math=settings.compile_math,
     )

@@ -91,8 +91,17 @@ class _Finished:
 
 
 class Session:
-    def __init__(self, name: str, spec: SessionSpec, device: torch.device, replay: ReplayLimits | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spec: SessionSpec,
+        device: torch.device,
+        replay: ReplayLimits | None = None,
+        *,
+        compiled_math: bool = False,
+    ) -> None:
         self.name = name
+        self.compiled_math = compiled_math  # the loss math through torch.compile (lossd._compiled)
         self.spec = spec
         self.device = device
         self.created_at = self.updated_at = time.time()
@@ -184,12 +193,19 @@ class Session:
         safe, valid = F.safe_labels(labels, spec.ignore_index)
         if soft_labels is not None:
             assert spec.alpha is not None
-            targets = F.ols_targets(safe, soft_labels, spec.alpha, F.compute_dtype(logits.dtype))
+            targets = F.ols_targets(soft_labels, spec.alpha)
         else:
             assert spec.convention is not None
             targets = F.smoothed_targets(spec.n_classes, spec.smoothing, spec.convention)
         return F.target_cross_entropy(
-            logits, safe, valid, targets, weight=self._weight, reduction=spec.reduction, need_grad=need_grad
+            logits,
+            safe,
+            valid,
+            targets,
+            weight=self._weight,
+            reduction=spec.reduction,
+            need_grad=need_grad,
+            compiled=self.compiled_math,
         )
 
     def _soft_labels_or_none(self) -> torch.Tensor | None:
@@ -426,14 +442,20 @@ class Session:
 
     @classmethod
     def from_stored(
-        cls, stored: StoredSession, device: torch.device, replay: ReplayLimits | None, samples_seen: int | None
+        cls,
+        stored: StoredSession,
+        device: torch.device,
+        replay: ReplayLimits | None,
+        samples_seen: int | None,
+        *,
+        compiled_math: bool = False,
     ) -> Session:
         """Rebuild a session from the store.
 
         ``samples_seen``: the epoch's progress count (samples seen, lost ones included);
         what it exceeds the snapshot by is what the crash lost.
         """
-        session = cls(stored.name, stored.spec, device, replay)
+        session = cls(stored.name, stored.spec, device, replay, compiled_math=compiled_math)
         session.incarnation = stored.incarnation
         session.created_at, session.updated_at = stored.created_at, stored.updated_at
         session.epoch = stored.epoch

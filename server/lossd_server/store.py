@@ -104,8 +104,10 @@ class MemoryStore:
         max_sessions: int,
         matrix_memory_bytes: int,
         replay: ReplayLimits | None = None,
+        compiled_math: bool = False,
     ) -> None:
         self._device = device
+        self._compiled_math = compiled_math
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self._matrix_memory_bytes = matrix_memory_bytes
@@ -129,7 +131,7 @@ class MemoryStore:
                 used_bytes=self._used_bytes(),
                 budget_bytes=self._matrix_memory_bytes,
             )
-            session = Session(name, spec, self._device, self._replay)
+            session = Session(name, spec, self._device, self._replay, compiled_math=self._compiled_math)
             self._sessions[owner, name] = session
             return session, True
 
