@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the loss math: server_math, the server (--compile-math) and the cached path",
     )
+    parser.add_argument(
+        "--inline-math-bytes",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="the server's --inline-math-bytes: stream requests up to BYTES of logits computed on its event loop",
+    )
     parser.add_argument("--list", action="store_true", help="list the paths and exit")
     return parser
 
@@ -277,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--matrix-memory-bytes", str(args.server_budget)] if args.server_budget else []
         if args.compile_math:
             extra += ["--compile-math", "true"]
+        if args.inline_math_bytes:
+            extra += ["--inline-math-bytes", str(args.inline_math_bytes)]
         server = ServerProcess(torch_threads=args.server_threads, device=args.device, extra=extra)
         print(f"server: {' '.join(server.argv[1:])} (pid {server.pid}, {server.target})", flush=True)
     rows: list[dict[str, Any]] = []

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import uuid
 
 import pytest
 import torch
 
+import lossd
 from lossd import _codec, _shm
 from lossd._exceptions import InvalidArgumentError
 from lossd._spec import SessionSpec
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server import shared_memory
 from lossd_server.batch import decode_batch
+from lossd_server.config import Settings
+from lossd_server.embedded import EmbeddedServer
 from lossd_server.servicer import _fingerprint
+from lossd_server.session import Session
+from tests.conftest import ols_spec
 
 C = 7
 SPEC = SessionSpec(kind="label_smoothing", n_classes=C, smoothing=0.1)
@@ -80,3 +87,40 @@ def test_gradient_lands_in_the_segment_as_encode_would_send_it(dtype: torch.dtyp
     small = pb.LossRequest(grad_region=_shm.region(128, nbytes - 1))
     assert shared_memory.place_gradient(small, response, grad, server, stats) is None  # inline instead
     assert shared_memory.place_gradient(request, response, grad[:0], server, stats) is None
+
+
+def test_inline_math_runs_small_stream_requests_on_the_event_loop_with_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, server: EmbeddedServer
+) -> None:
+    """--inline-math-bytes: a stream request with at most that many bytes of logits is computed on the
+    event loop's thread, a bigger one (and every unary call) on a worker; the answers are the same bytes."""
+    threads: list[str] = []
+    compute = Session.compute
+
+    def spy(self: Session, *args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        return compute(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Session, "compute", spy)
+    classes = 10
+    small, big = (torch.randn(n, classes, generator=torch.Generator().manual_seed(n)) for n in (4, 64))
+    settings = Settings(host="127.0.0.1", port=0, store="memory", grace_seconds=1, inline_math_bytes=4 * classes * 4)
+    answers = {}
+    with EmbeddedServer(settings) as inline_server:
+        for name, target in (("inline", inline_server.target), ("workers", server.target)):
+            with lossd.Client(target) as client:
+                session = f"inline-{name}-{uuid.uuid4().hex}"
+                client.create_session(session, ols_spec(classes))
+                results = [
+                    client.compute_loss(session, logits, torch.arange(len(logits)) % classes, stream=stream)
+                    for logits, stream in ((small, True), (big, True), (small, False))
+                ]
+                client.delete_session(session)
+            answers[name] = [(r.loss, r.grad, r.n_correct) for r in results]
+    assert threads[0] == "lossd-embedded"  # the inline server's event loop
+    assert all(name.startswith("lossd-math") for name in threads[1:])
+    for (loss, grad, correct), (expected_loss, expected_grad, expected_correct) in zip(
+        answers["inline"], answers["workers"], strict=True
+    ):
+        assert torch.equal(loss, expected_loss) and correct == expected_correct
+        assert grad is not None and expected_grad is not None and torch.equal(grad, expected_grad)

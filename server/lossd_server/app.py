@@ -92,6 +92,7 @@ async def start(settings: Settings) -> Running:
         identify,
         on_training_samples=metrics.add_samples if metrics is not None else None,
         shared_memory_limit=limit if settings.shared_memory else 0,
+        inline_math_bytes=settings.inline_math_bytes,
     )
     if metrics is not None:
         metrics.watch(store.stats)

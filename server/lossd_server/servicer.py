@@ -124,8 +124,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         *,
         on_training_samples: Callable[[int], None] | None = None,
         shared_memory_limit: int = 512 << 20,
+        inline_math_bytes: int = 0,
     ) -> None:
         self._store = store
+        # Stream requests with at most this many bytes of logits run on the event loop itself: no
+        # hand-off to a worker thread and back. 0: every request goes to the workers.
+        self._inline_math_bytes = inline_math_bytes
         self._shared_memory_limit = shared_memory_limit  # the largest segment a stream may attach; 0: none
         self.shared_memory_stats = shared_memory.SharedMemoryStats()
         self._segment = threading.local()  # the shared-memory segment of the stream request this thread runs
@@ -140,13 +144,15 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def _run(self, function: Callable[..., T], *args: object) -> T:
+    async def _run(self, function: Callable[..., T], *args: object, inline: bool = False) -> T:
         if self._draining:
             # Refused before it runs, so nothing is applied: the caller can retry on the next server.
             raise UnavailableError("the server is shutting down")
         self._in_flight += 1
         self._idle.clear()
         try:
+            if inline:
+                return function(*args)
             return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
         finally:
             self._in_flight -= 1
@@ -289,16 +295,27 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 yield response
                 continue
             try:
+                inline = self._runs_inline(request)
                 if segment is None:
-                    response = await self._run(self._compute, owner, request)
+                    response = await self._run(self._compute, owner, request, inline=inline)
                 else:
-                    response = await self._run(self._compute_shared, owner, request, segment)
+                    response = await self._run(self._compute_shared, owner, request, segment, inline=inline)
             except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
                 response = pb.LossResponse(
                     request_id=request.request_id, error=pb.Error(code=code.value[0], message=message)
                 )
             yield response
+
+    def _runs_inline(self, request: pb.LossRequest) -> bool:
+        """Whether a stream request is small enough (--inline-math-bytes) to run on the event loop."""
+        if not self._inline_math_bytes:
+            return False
+        try:  # from the shape, not len(data): that would copy an inline payload out of the message
+            nbytes = _shm.nbytes_of(_codec.torch_dtype(request.logits), list(request.logits.shape))
+        except _codec.CodecError:
+            return False  # a worker refuses it with the proper message
+        return nbytes <= self._inline_math_bytes
 
     # Epoch-cached mode ------------------------------------------------------------
 
