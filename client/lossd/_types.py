@@ -27,6 +27,8 @@ class SessionInfo:
     samples_lost: int = 0
     # When the current epoch's statistics were last made durable (Unix seconds; 0: never or memory store).
     snapshot_at: float = 0.0
+    # The tenant that owns it (empty without authentication).
+    owner: str = ""
 
     @classmethod
     def from_proto(cls, message: pb.Session) -> SessionInfo:
@@ -42,6 +44,7 @@ class SessionInfo:
             ranks_finished=tuple(message.ranks_finished),
             samples_lost=message.samples_lost,
             snapshot_at=message.snapshot_at,
+            owner=message.owner,
         )
 
 

@@ -1,4 +1,5 @@
-"""``lossd`` command line. ``lossd serve`` flags override the LOSSD_* environment variables."""
+"""``lossd`` command line. ``lossd serve`` flags override the LOSSD_* environment variables;
+``lossd sessions``, ``export`` and ``import`` talk to a running server (lossd_server.session_commands)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from lossd_server import __version__
 from lossd_server.app import serve
 from lossd_server.config import Settings
 from lossd_server.logs import configure_logging
+from lossd_server.session_commands import Command, add_commands
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(prog="lossd", description="Loss-as-a-service for classifier training.")
     parser.add_argument("--version", action="version", version=f"lossd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,11 +25,15 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         kind: type = field.annotation if field.annotation in (int, float) else str  # type: ignore[assignment]
         run.add_argument(flag, dest=name, type=kind, help=f"{field.description or ''} [env LOSSD_{name.upper()}]")
-    return parser
+    return parser, add_commands(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
+    parser, handlers = _parser()
+    namespace = parser.parse_args(argv)
+    if namespace.command in handlers:
+        return handlers[namespace.command](namespace)
+    args = vars(namespace)
     command = args.pop("command")
     if command == "serve":
         try:

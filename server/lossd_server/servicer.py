@@ -38,9 +38,10 @@ T = TypeVar("T")
 MAX_DEADLINE_MARGIN = 1.0
 
 
-def session_message(view: SessionView) -> pb.Session:
+def session_message(view: SessionView, owner: str) -> pb.Session:
     return pb.Session(
         name=view.name,
+        owner=owner,
         spec=view.spec.to_proto(),
         epoch=view.epoch,
         samples_this_epoch=view.samples_this_epoch,
@@ -177,7 +178,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _create(self, owner: str, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         session, created = self._store.create(owner, request.name, canonical_spec(request.spec))
-        return pb.CreateSessionResponse(session=session_message(session.view()), created=created)
+        return pb.CreateSessionResponse(session=session_message(session.view(), owner), created=created)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: aio.ServicerContext
@@ -186,14 +187,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.Session:
         owner = self._identify(context)
-        return await self._run(lambda: session_message(self._store.get(owner, request.name).view()))
+        return await self._run(lambda: session_message(self._store.get(owner, request.name).view(), owner))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         owner = self._identify(context)
         return await self._run(
-            lambda: pb.ListSessionsResponse(sessions=[session_message(view) for view in self._store.list(owner)])
+            lambda: pb.ListSessionsResponse(sessions=[session_message(view, owner) for view in self._store.list(owner)])
         )
 
     async def DeleteSession(
@@ -348,7 +349,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             )
             self._store.record_progress(owner, session, view.epoch, seen)
             self._on_training_samples(upload.samples)
-            return session_message(view)
+            return session_message(view, owner)
 
         return session.replay.run_once(  # type: ignore[return-value]
             request.rank,
@@ -356,7 +357,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             fingerprint,
             apply,
             # Applied before a restart (its id came back with the snapshot): counted already.
-            recompute=lambda: session_message(session.view()),
+            recompute=lambda: session_message(session.view(), owner),
         )
 
     async def AddStatistics(self, request: pb.StatisticsRequest, context: aio.ServicerContext) -> pb.Session:
@@ -369,10 +370,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return session, session.arrive(request.rank, request.epoch if request.HasField("epoch") else None)
 
     async def NextEpoch(self, request: pb.NextEpochRequest, context: aio.ServicerContext) -> pb.Session:
-        session, done = await self._run(self._arrive, self._identify(context), request)
+        owner = self._identify(context)
+        session, done = await self._run(self._arrive, owner, request)
         if not done.done():
             await self._wait_for_ranks(session, request, done, context.time_remaining())
-        return session_message(done.result())
+        return session_message(done.result(), owner)
 
     async def _wait_for_ranks(
         self, session: Session, request: pb.NextEpochRequest, done: Future[SessionView], remaining: float | None
@@ -438,7 +440,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 samples_this_epoch=message.samples_this_epoch,
             )
         )
-        return session_message(session.view())
+        return session_message(session.view(), owner)
 
     async def LoadState(self, request: pb.LoadStateRequest, context: aio.ServicerContext) -> pb.Session:
         return await self._run(self._load_state, self._identify(context), request)

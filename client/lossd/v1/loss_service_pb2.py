@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\"m\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x06shared\x18\x10 \x01(\x0b\x32\x16.lossd.v1.SharedRegion\".\n\x0cSharedRegion\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06nbytes\x18\x02 \x01(\x03\"?\n\x12SharedMemoryAttach\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"%\n\x14SharedMemoryAttached\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x82\x03\n\x0bSessionSpec\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.lossd.v1.LossKind\x12\x11\n\tn_classes\x18\x02 \x01(\x03\x12\x11\n\tsmoothing\x18\x03 \x01(\x01\x12\x31\n\nconvention\x18\x04 \x01(\x0e\x32\x1d.lossd.v1.SmoothingConvention\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12&\n\treduction\x18\x06 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x19\n\x0cignore_index\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12 \n\x06weight\x18\x08 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1f\n\x04init\x18\t \x01(\x0e\x32\x11.lossd.v1.OlsInit\x12/\n\x0b\x65mpty_class\x18\n \x01(\x0e\x32\x1a.lossd.v1.EmptyClassPolicy\x12\x12\n\nworld_size\x18\x0b \x01(\x03\x42\x08\n\x06_alphaB\x0f\n\r_ignore_index\"\x83\x02\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1a\n\x12samples_this_epoch\x18\x04 \x01(\x03\x12\x1a\n\x12\x63orrect_this_epoch\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x03\x12\x16\n\x0eranks_finished\x18\t \x03(\x03\x12\x14\n\x0csamples_lost\x18\n \x01(\x03\x12\x13\n\x0bsnapshot_at\x18\x0b \x01(\x01\"I\n\x14\x43reateSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\"L\n\x15\x43reateSessionResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x11.lossd.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11GetSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\";\n\x14ListSessionsResponse\x12#\n\x08sessions\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Session\"$\n\x14\x44\x65leteSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xb0\x02\n\x0bLossRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12 \n\x06logits\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x11\n\tneed_grad\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x03\x12\x12\n\x05\x65poch\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12:\n\x14\x61ttach_shared_memory\x18\x10 \x01(\x0b\x32\x1c.lossd.v1.SharedMemoryAttach\x12+\n\x0bgrad_region\x18\x11 \x01(\x0b\x32\x16.lossd.v1.SharedRegionB\x08\n\x06_epoch\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8b\x02\n\x0cLossResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04grad\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0e\n\x06n_used\x18\x04 \x01(\x03\x12\x11\n\tn_correct\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x1e\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x0f.lossd.v1.Error\x12\x15\n\rgrad_exponent\x18\x08 \x01(\x05\x12>\n\x16shared_memory_attached\x18\x10 \x01(\x0b\x32\x1e.lossd.v1.SharedMemoryAttached\"O\n\x10NextEpochRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x03\x42\x08\n\x06_epoch\"\"\n\x0fGetStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\xa7\x01\n\x0cSessionState\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12#\n\tsupervise\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12%\n\x0b\x61\x63\x63umulator\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1a\n\x12samples_this_epoch\x18\x05 \x01(\x03\"J\n\x10LoadStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0b\x32\x16.lossd.v1.SessionState\"\xeb\x01\n\x11StatisticsRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x03\x12\x12\n\x05\x65poch\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12!\n\x07\x63lasses\x18\x05 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04rows\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0f\n\x07samples\x18\x08 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\t \x01(\x03\x42\x08\n\x06_epoch*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06*\x87\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOSS_KIND_CROSS_ENTROPY\x10\x01\x12\x1d\n\x19LOSS_KIND_LABEL_SMOOTHING\x10\x02\x12$\n LOSS_KIND_ONLINE_LABEL_SMOOTHING\x10\x03*\x82\x01\n\x13SmoothingConvention\x12$\n SMOOTHING_CONVENTION_UNSPECIFIED\x10\x00\x12 \n\x1cSMOOTHING_CONVENTION_UNIFORM\x10\x01\x12#\n\x1fSMOOTHING_CONVENTION_OFF_TARGET\x10\x02*a\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02\x12\x12\n\x0eREDUCTION_NONE\x10\x03*k\n\x07OlsInit\x12\x18\n\x14OLS_INIT_UNSPECIFIED\x10\x00\x12\x1c\n\x18OLS_INIT_LABEL_SMOOTHING\x10\x01\x12\x14\n\x10OLS_INIT_UNIFORM\x10\x02\x12\x12\n\x0eOLS_INIT_ZEROS\x10\x03*\x90\x01\n\x10\x45mptyClassPolicy\x12\"\n\x1e\x45MPTY_CLASS_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_KEEP\x10\x01\x12\x1e\n\x1a\x45MPTY_CLASS_POLICY_UNIFORM\x10\x02\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_ZERO\x10\x03\x32\xf9\x05\n\x0bLossService\x12P\n\rCreateSession\x12\x1e.lossd.v1.CreateSessionRequest\x1a\x1f.lossd.v1.CreateSessionResponse\x12<\n\nGetSession\x12\x1b.lossd.v1.GetSessionRequest\x1a\x11.lossd.v1.Session\x12M\n\x0cListSessions\x12\x1d.lossd.v1.ListSessionsRequest\x1a\x1e.lossd.v1.ListSessionsResponse\x12P\n\rDeleteSession\x12\x1e.lossd.v1.DeleteSessionRequest\x1a\x1f.lossd.v1.DeleteSessionResponse\x12<\n\x0b\x43omputeLoss\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse\x12?\n\nLossStream\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse(\x01\x30\x01\x12:\n\tNextEpoch\x12\x1a.lossd.v1.NextEpochRequest\x1a\x11.lossd.v1.Session\x12=\n\x08GetState\x12\x19.lossd.v1.GetStateRequest\x1a\x16.lossd.v1.SessionState\x12:\n\tLoadState\x12\x1a.lossd.v1.LoadStateRequest\x1a\x11.lossd.v1.Session\x12\x42\n\rGetSoftLabels\x12\x19.lossd.v1.GetStateRequest\x1a\x16.lossd.v1.SessionState\x12?\n\rAddStatistics\x12\x1b.lossd.v1.StatisticsRequest\x1a\x11.lossd.v1.Sessionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\"m\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.lossd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x06shared\x18\x10 \x01(\x0b\x32\x16.lossd.v1.SharedRegion\".\n\x0cSharedRegion\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06nbytes\x18\x02 \x01(\x03\"?\n\x12SharedMemoryAttach\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"%\n\x14SharedMemoryAttached\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x82\x03\n\x0bSessionSpec\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.lossd.v1.LossKind\x12\x11\n\tn_classes\x18\x02 \x01(\x03\x12\x11\n\tsmoothing\x18\x03 \x01(\x01\x12\x31\n\nconvention\x18\x04 \x01(\x0e\x32\x1d.lossd.v1.SmoothingConvention\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12&\n\treduction\x18\x06 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x19\n\x0cignore_index\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12 \n\x06weight\x18\x08 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1f\n\x04init\x18\t \x01(\x0e\x32\x11.lossd.v1.OlsInit\x12/\n\x0b\x65mpty_class\x18\n \x01(\x0e\x32\x1a.lossd.v1.EmptyClassPolicy\x12\x12\n\nworld_size\x18\x0b \x01(\x03\x42\x08\n\x06_alphaB\x0f\n\r_ignore_index\"\x92\x02\n\x07Session\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1a\n\x12samples_this_epoch\x18\x04 \x01(\x03\x12\x1a\n\x12\x63orrect_this_epoch\x18\x05 \x01(\x03\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nupdated_at\x18\x07 \x01(\x01\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x03\x12\x16\n\x0eranks_finished\x18\t \x03(\x03\x12\x14\n\x0csamples_lost\x18\n \x01(\x03\x12\x13\n\x0bsnapshot_at\x18\x0b \x01(\x01\x12\r\n\x05owner\x18\x0c \x01(\t\"I\n\x14\x43reateSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.lossd.v1.SessionSpec\"L\n\x15\x43reateSessionResponse\x12\"\n\x07session\x18\x01 \x01(\x0b\x32\x11.lossd.v1.Session\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11GetSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\";\n\x14ListSessionsResponse\x12#\n\x08sessions\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Session\"$\n\x14\x44\x65leteSessionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\xb0\x02\n\x0bLossRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12 \n\x06logits\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06labels\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x10\n\x08training\x18\x04 \x01(\x08\x12\x11\n\tneed_grad\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x03\x12\x12\n\x05\x65poch\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12:\n\x14\x61ttach_shared_memory\x18\x10 \x01(\x0b\x32\x1c.lossd.v1.SharedMemoryAttach\x12+\n\x0bgrad_region\x18\x11 \x01(\x0b\x32\x16.lossd.v1.SharedRegionB\x08\n\x06_epoch\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8b\x02\n\x0cLossResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04grad\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0e\n\x06n_used\x18\x04 \x01(\x03\x12\x11\n\tn_correct\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x1e\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x0f.lossd.v1.Error\x12\x15\n\rgrad_exponent\x18\x08 \x01(\x05\x12>\n\x16shared_memory_attached\x18\x10 \x01(\x0b\x32\x1e.lossd.v1.SharedMemoryAttached\"O\n\x10NextEpochRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\x05\x65poch\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x03\x42\x08\n\x06_epoch\"\"\n\x0fGetStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\xa7\x01\n\x0cSessionState\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12#\n\tsupervise\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12%\n\x0b\x61\x63\x63umulator\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1a\n\x12samples_this_epoch\x18\x05 \x01(\x03\"J\n\x10LoadStateRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0b\x32\x16.lossd.v1.SessionState\"\xeb\x01\n\x11StatisticsRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x03\x12\x12\n\x05\x65poch\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12!\n\x07\x63lasses\x18\x05 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x1e\n\x04rows\x18\x06 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0f\n\x07samples\x18\x08 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\t \x01(\x03\x42\x08\n\x06_epoch*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06*\x87\x01\n\x08LossKind\x12\x19\n\x15LOSS_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOSS_KIND_CROSS_ENTROPY\x10\x01\x12\x1d\n\x19LOSS_KIND_LABEL_SMOOTHING\x10\x02\x12$\n LOSS_KIND_ONLINE_LABEL_SMOOTHING\x10\x03*\x82\x01\n\x13SmoothingConvention\x12$\n SMOOTHING_CONVENTION_UNSPECIFIED\x10\x00\x12 \n\x1cSMOOTHING_CONVENTION_UNIFORM\x10\x01\x12#\n\x1fSMOOTHING_CONVENTION_OFF_TARGET\x10\x02*a\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_MEAN\x10\x01\x12\x11\n\rREDUCTION_SUM\x10\x02\x12\x12\n\x0eREDUCTION_NONE\x10\x03*k\n\x07OlsInit\x12\x18\n\x14OLS_INIT_UNSPECIFIED\x10\x00\x12\x1c\n\x18OLS_INIT_LABEL_SMOOTHING\x10\x01\x12\x14\n\x10OLS_INIT_UNIFORM\x10\x02\x12\x12\n\x0eOLS_INIT_ZEROS\x10\x03*\x90\x01\n\x10\x45mptyClassPolicy\x12\"\n\x1e\x45MPTY_CLASS_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_KEEP\x10\x01\x12\x1e\n\x1a\x45MPTY_CLASS_POLICY_UNIFORM\x10\x02\x12\x1b\n\x17\x45MPTY_CLASS_POLICY_ZERO\x10\x03\x32\xf9\x05\n\x0bLossService\x12P\n\rCreateSession\x12\x1e.lossd.v1.CreateSessionRequest\x1a\x1f.lossd.v1.CreateSessionResponse\x12<\n\nGetSession\x12\x1b.lossd.v1.GetSessionRequest\x1a\x11.lossd.v1.Session\x12M\n\x0cListSessions\x12\x1d.lossd.v1.ListSessionsRequest\x1a\x1e.lossd.v1.ListSessionsResponse\x12P\n\rDeleteSession\x12\x1e.lossd.v1.DeleteSessionRequest\x1a\x1f.lossd.v1.DeleteSessionResponse\x12<\n\x0b\x43omputeLoss\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse\x12?\n\nLossStream\x12\x15.lossd.v1.LossRequest\x1a\x16.lossd.v1.LossResponse(\x01\x30\x01\x12:\n\tNextEpoch\x12\x1a.lossd.v1.NextEpochRequest\x1a\x11.lossd.v1.Session\x12=\n\x08GetState\x12\x19.lossd.v1.GetStateRequest\x1a\x16.lossd.v1.SessionState\x12:\n\tLoadState\x12\x1a.lossd.v1.LoadStateRequest\x1a\x11.lossd.v1.Session\x12\x42\n\rGetSoftLabels\x12\x19.lossd.v1.GetStateRequest\x1a\x16.lossd.v1.SessionState\x12?\n\rAddStatistics\x12\x1b.lossd.v1.StatisticsRequest\x1a\x11.lossd.v1.Sessionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lossd.v1.loss_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2509
-  _globals['_DTYPE']._serialized_end=2650
-  _globals['_LOSSKIND']._serialized_start=2653
-  _globals['_LOSSKIND']._serialized_end=2788
-  _globals['_SMOOTHINGCONVENTION']._serialized_start=2791
-  _globals['_SMOOTHINGCONVENTION']._serialized_end=2921
-  _globals['_REDUCTION']._serialized_start=2923
-  _globals['_REDUCTION']._serialized_end=3020
-  _globals['_OLSINIT']._serialized_start=3022
-  _globals['_OLSINIT']._serialized_end=3129
-  _globals['_EMPTYCLASSPOLICY']._serialized_start=3132
-  _globals['_EMPTYCLASSPOLICY']._serialized_end=3276
+  _globals['_DTYPE']._serialized_start=2524
+  _globals['_DTYPE']._serialized_end=2665
+  _globals['_LOSSKIND']._serialized_start=2668
+  _globals['_LOSSKIND']._serialized_end=2803
+  _globals['_SMOOTHINGCONVENTION']._serialized_start=2806
+  _globals['_SMOOTHINGCONVENTION']._serialized_end=2936
+  _globals['_REDUCTION']._serialized_start=2938
+  _globals['_REDUCTION']._serialized_end=3035
+  _globals['_OLSINIT']._serialized_start=3037
+  _globals['_OLSINIT']._serialized_end=3144
+  _globals['_EMPTYCLASSPOLICY']._serialized_start=3147
+  _globals['_EMPTYCLASSPOLICY']._serialized_end=3291
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=150
   _globals['_SHAREDREGION']._serialized_start=152
@@ -54,37 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSPEC']._serialized_start=305
   _globals['_SESSIONSPEC']._serialized_end=691
   _globals['_SESSION']._serialized_start=694
-  _globals['_SESSION']._serialized_end=953
-  _globals['_CREATESESSIONREQUEST']._serialized_start=955
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1028
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=1030
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1106
-  _globals['_GETSESSIONREQUEST']._serialized_start=1108
-  _globals['_GETSESSIONREQUEST']._serialized_end=1141
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1143
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1164
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1166
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1225
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1227
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1263
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1265
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1288
-  _globals['_LOSSREQUEST']._serialized_start=1291
-  _globals['_LOSSREQUEST']._serialized_end=1595
-  _globals['_ERROR']._serialized_start=1597
-  _globals['_ERROR']._serialized_end=1635
-  _globals['_LOSSRESPONSE']._serialized_start=1638
-  _globals['_LOSSRESPONSE']._serialized_end=1905
-  _globals['_NEXTEPOCHREQUEST']._serialized_start=1907
-  _globals['_NEXTEPOCHREQUEST']._serialized_end=1986
-  _globals['_GETSTATEREQUEST']._serialized_start=1988
-  _globals['_GETSTATEREQUEST']._serialized_end=2022
-  _globals['_SESSIONSTATE']._serialized_start=2025
-  _globals['_SESSIONSTATE']._serialized_end=2192
-  _globals['_LOADSTATEREQUEST']._serialized_start=2194
-  _globals['_LOADSTATEREQUEST']._serialized_end=2268
-  _globals['_STATISTICSREQUEST']._serialized_start=2271
-  _globals['_STATISTICSREQUEST']._serialized_end=2506
-  _globals['_LOSSSERVICE']._serialized_start=3279
-  _globals['_LOSSSERVICE']._serialized_end=4040
+  _globals['_SESSION']._serialized_end=968
+  _globals['_CREATESESSIONREQUEST']._serialized_start=970
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1043
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1045
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1121
+  _globals['_GETSESSIONREQUEST']._serialized_start=1123
+  _globals['_GETSESSIONREQUEST']._serialized_end=1156
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1158
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1179
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1181
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1240
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1242
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1278
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1280
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1303
+  _globals['_LOSSREQUEST']._serialized_start=1306
+  _globals['_LOSSREQUEST']._serialized_end=1610
+  _globals['_ERROR']._serialized_start=1612
+  _globals['_ERROR']._serialized_end=1650
+  _globals['_LOSSRESPONSE']._serialized_start=1653
+  _globals['_LOSSRESPONSE']._serialized_end=1920
+  _globals['_NEXTEPOCHREQUEST']._serialized_start=1922
+  _globals['_NEXTEPOCHREQUEST']._serialized_end=2001
+  _globals['_GETSTATEREQUEST']._serialized_start=2003
+  _globals['_GETSTATEREQUEST']._serialized_end=2037
+  _globals['_SESSIONSTATE']._serialized_start=2040
+  _globals['_SESSIONSTATE']._serialized_end=2207
+  _globals['_LOADSTATEREQUEST']._serialized_start=2209
+  _globals['_LOADSTATEREQUEST']._serialized_end=2283
+  _globals['_STATISTICSREQUEST']._serialized_start=2286
+  _globals['_STATISTICSREQUEST']._serialized_end=2521
+  _globals['_LOSSSERVICE']._serialized_start=3294
+  _globals['_LOSSSERVICE']._serialized_end=4055
 # @@protoc_insertion_point(module_scope)

@@ -374,6 +374,7 @@ class Session(_message.Message):
     RANKS_FINISHED_FIELD_NUMBER: _builtins.int
     SAMPLES_LOST_FIELD_NUMBER: _builtins.int
     SNAPSHOT_AT_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     epoch: _builtins.int
     samples_this_epoch: _builtins.int
@@ -393,6 +394,10 @@ class Session(_message.Message):
     snapshot_at: _builtins.float
     """When the current epoch's statistics were last made durable (Unix seconds);
     0 with the memory store, or before the first snapshot.
+    """
+    owner: _builtins.str
+    """The tenant that owns the session (the caller's, since each caller sees only
+    its own); empty without authentication.
     """
     @_builtins.property
     def spec(self) -> Global___SessionSpec:
@@ -416,10 +421,11 @@ class Session(_message.Message):
         ranks_finished: _abc.Iterable[_builtins.int] | None = ...,
         samples_lost: _builtins.int = ...,
         snapshot_at: _builtins.float = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct_this_epoch", b"correct_this_epoch", "created_at", b"created_at", "epoch", b"epoch", "name", b"name", "ranks_finished", b"ranks_finished", "samples_lost", b"samples_lost", "samples_this_epoch", b"samples_this_epoch", "snapshot_at", b"snapshot_at", "spec", b"spec", "state_bytes", b"state_bytes", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct_this_epoch", b"correct_this_epoch", "created_at", b"created_at", "epoch", b"epoch", "name", b"name", "owner", b"owner", "ranks_finished", b"ranks_finished", "samples_lost", b"samples_lost", "samples_this_epoch", b"samples_this_epoch", "snapshot_at", b"snapshot_at", "spec", b"spec", "state_bytes", b"state_bytes", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,115 @@
+"""``lossd sessions``, ``lossd export`` and ``lossd import`` against a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lossd
+from lossd_server.cli import main
+from lossd_server.embedded import EmbeddedServer
+from tests.conftest import ols_spec
+
+C = 6
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def trained(client: lossd.Client, name: str) -> lossd.SessionState:
+    """An OLS session one epoch in, with statistics in the accumulator: every tensor non-trivial."""
+    client.create_session(name, ols_spec(C))
+    generator = torch.Generator().manual_seed(7)
+    for epoch in range(2):
+        labels = torch.arange(24) % C
+        logits = torch.randn(24, C, generator=generator) + 3.0 * torch.nn.functional.one_hot(labels, C)
+        client.compute_loss(name, logits, labels, training=True)
+        if epoch == 0:
+            client.next_epoch(name)
+    return client.get_state(name)
+
+
+def assert_same_state(actual: lossd.SessionState, expected: lossd.SessionState) -> None:
+    assert (actual.epoch, actual.samples_this_epoch) == (expected.epoch, expected.samples_this_epoch)
+    for field in ("supervise", "accumulator", "counts"):
+        a, e = getattr(actual, field), getattr(expected, field)
+        assert a.dtype == e.dtype and torch.equal(a, e), field
+
+
+def test_sessions_lists_every_session_with_its_columns(
+    capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str
+) -> None:
+    trained(client, session_name)
+    client.create_session(f"{session_name}-ls", lossd.SessionSpec(kind="label_smoothing", n_classes=10))
+    status, out, err = run(capsys, "sessions", "--target", server.target)
+    assert status == 0 and err == ""
+    header, *lines = out.splitlines()
+    assert header.split() == ["NAME", "KIND", "C", "EPOCH", "WORLD", "SAMPLES", "OWNER", "LAST", "ACTIVITY"]
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert rows[session_name][1:7] == ["online_label_smoothing", str(C), "1", "1", "24", "-"]
+    assert rows[f"{session_name}-ls"][1:7] == ["label_smoothing", "10", "0", "1", "0", "-"]
+    assert rows[session_name][-1] == "ago"
+    assert client.get_session(session_name).owner == ""  # anonymous server: no tenant
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_export_then_import_restores_the_state_bit_for_bit(
+    capsys: pytest.CaptureFixture[str],
+    server: EmbeddedServer,
+    client: lossd.Client,
+    session_name: str,
+    tmp_path: Path,
+    suffix: str,
+) -> None:
+    expected = trained(client, session_name)
+    file = tmp_path / f"state{suffix}"
+    status, out, err = run(capsys, "export", session_name, str(file), "--target", server.target)
+    assert status == 0 and err == "" and "epoch 1" in out
+    # Into a new session (created with the file's spec) and back into the original name after a delete.
+    copy = f"{session_name}-copy"
+    assert run(capsys, "import", copy, str(file), "--target", server.target)[0] == 0
+    assert_same_state(client.get_state(copy), expected)
+    assert client.get_session(copy).spec == client.get_session(session_name).spec
+    client.delete_session(session_name)
+    assert run(capsys, "import", str(file), "--target", server.target)[0] == 0  # the name in the file
+    assert_same_state(client.get_state(session_name), expected)
+
+
+def test_errors_are_one_line_with_a_non_zero_status(
+    capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str, tmp_path: Path
+) -> None:
+    cases = [
+        (("export", "no-such-session", str(tmp_path / "x.npz"), "--target", server.target), "not found"),
+        (("sessions", "--target", "127.0.0.1:1", "--timeout", "2"), ""),
+        (("export", session_name, str(tmp_path / "x.txt"), "--target", server.target), ".npz or .safetensors"),
+        (("import", "x", str(tmp_path / "missing.npz"), "--target", server.target), "no such file"),
+    ]
+    client.create_session(session_name, ols_spec(C))
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    cases.append((("import", "x", str(tmp_path / "other.npz"), "--target", server.target), "not a lossd"))
+    for argv, expected in cases:
+        status, out, err = run(capsys, *argv)
+        assert status == 1 and out == "", argv
+        assert err.count("\n") == 1 and err.startswith(f"lossd {argv[0]}: "), err
+        assert expected.lower() in err.lower(), err
+        assert "Traceback" not in err
+
+
+def test_import_into_a_session_of_another_spec_is_refused_and_changes_nothing(
+    capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str, tmp_path: Path
+) -> None:
+    trained(client, session_name)
+    file = tmp_path / "state.npz"
+    assert run(capsys, "export", session_name, str(file), "--target", server.target)[0] == 0
+    other = f"{session_name}-other"
+    client.create_session(other, ols_spec(C + 1))
+    before = client.get_state(other)
+    status, _, err = run(capsys, "import", other, str(file), "--target", server.target)
+    assert status == 1 and err.startswith("lossd import: ")
+    assert_same_state(client.get_state(other), before)
