@@ -11,6 +11,7 @@ import torch
 import lossd
 from lossd_server.cli import main
 from lossd_server.embedded import EmbeddedServer
+from lossd_server.soft_label_view import confused_pairs, heatmap_png
 from tests.conftest import ols_spec
 
 C = 6
@@ -85,6 +86,7 @@ def test_errors_are_one_line_with_a_non_zero_status(
     capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str, tmp_path: Path
 ) -> None:
     cases = [
+        (("show", "no-such-session", "--target", server.target), "not found"),
         (("export", "no-such-session", str(tmp_path / "x.npz"), "--target", server.target), "not found"),
         (("sessions", "--target", "127.0.0.1:1", "--timeout", "2"), ""),
         (("export", session_name, str(tmp_path / "x.txt"), "--target", server.target), ".npz or .safetensors"),
@@ -113,3 +115,43 @@ def test_import_into_a_session_of_another_spec_is_refused_and_changes_nothing(
     status, _, err = run(capsys, "import", other, str(file), "--target", server.target)
     assert status == 1 and err.startswith("lossd import: ")
     assert_same_state(client.get_state(other), before)
+
+
+def test_show_lists_the_most_confused_pairs_and_draws_s(
+    capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str, tmp_path: Path
+) -> None:
+    state = trained(client, session_name)
+    png = tmp_path / "s.png"
+    status, out, err = run(capsys, "show", session_name, "--png", str(png), "--top", "3", "--target", server.target)
+    assert status == 0 and err == ""
+    s = state.supervise.to(torch.float64)
+    off = s - torch.diag(s.diagonal())
+    expected = sorted(((float(off[j, k]), k, j) for j in range(C) for k in range(C) if j != k), reverse=True)[:3]
+    lines = out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("TRUE k")))
+    listed = [line.split() for line in lines[start + 1 : start + 4]]
+    assert [(int(k), int(j)) for k, j, _ in listed] == [(k, j) for _, k, j in expected]
+    assert [float(v) for _, _, v in listed] == [round(v, 4) for v, _, _ in expected]
+    assert f"epoch {state.epoch}" in lines[0] and f"mean {float(s.diagonal().mean()):.4f}" in out
+    # A real PNG, and the heatmap drawn is S itself (the artist's data), not a resampled copy.
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).ndim == 3
+    image = heatmap_png(state.supervise, tmp_path / "again.png", "S")
+    assert np.array_equal(np.asarray(image.get_array()), state.supervise.to(torch.float64).numpy())
+
+
+def test_show_of_a_stateless_session_says_so(
+    capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str
+) -> None:
+    client.create_session(session_name, lossd.SessionSpec(kind="cross_entropy", n_classes=4))
+    status, out, _ = run(capsys, "show", session_name, "--target", server.target)
+    assert status == 0 and "keeps no soft labels" in out
+
+
+def test_confused_pairs_orders_by_mass_and_skips_the_diagonal_and_zeros() -> None:
+    s = torch.tensor([[0.9, 0.3, 0.0], [0.1, 0.7, 0.0], [0.0, 0.0, 1.0]])
+    pairs = confused_pairs(s, top=10)
+    assert [(p.true_class, p.other_class) for p in pairs] == [(1, 0), (0, 1)]
+    assert [p.mass for p in pairs] == pytest.approx([0.3, 0.1])

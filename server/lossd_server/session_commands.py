@@ -1,4 +1,4 @@
-"""``lossd sessions``, ``lossd export`` and ``lossd import``: a running server's sessions from the shell.
+"""``lossd sessions``, ``show``, ``export`` and ``import``: a running server's sessions from the shell.
 
 Each command is a thin layer over :class:`lossd.Client`. Every failure (an unknown
 session, an unreachable server, a bad file) prints one line to stderr and exits 1;
@@ -17,6 +17,7 @@ from pathlib import Path
 from lossd import Client, LossdError, NotFoundError
 from lossd._config import DEFAULT_TARGET
 from lossd._statefile import StateFileError, read, write
+from lossd_server.soft_label_view import confused_pairs, heatmap_png
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -27,16 +28,21 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export = commands.add_parser("export", help="write a session's spec and OLS state to a .npz or .safetensors file")
     export.add_argument("session")
     export.add_argument("file", type=Path)
+    show = commands.add_parser("show", help="a session's soft labels: the most confused class pairs, a heatmap")
+    show.add_argument("session")
+    show.add_argument("--png", type=Path, help="also draw S as a heatmap into this PNG file (needs matplotlib)")
+    show.add_argument("--top", type=int, default=10, help="how many confused pairs to list (default 10)")
     load = commands.add_parser("import", help="load a file written by `lossd export` into a session")
     load.add_argument("session", nargs="?", help="the session to load into (default: the name in the file)")
     load.add_argument("file", type=Path)
-    for parser in (sessions, export, load):
+    for parser in (sessions, show, export, load):
         parser.add_argument(
             "--target", default=os.environ.get("LOSSD_TARGET", DEFAULT_TARGET), help="server address [env LOSSD_TARGET]"
         )
         parser.add_argument("--token", default=os.environ.get("LOSSD_TOKEN"), help="bearer token [env LOSSD_TOKEN]")
         parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    return {"sessions": _guarded(list_sessions), "export": _guarded(export_state), "import": _guarded(import_state)}
+    handlers = (("sessions", list_sessions), ("show", show_session), ("export", export_state), ("import", import_state))
+    return {name: _guarded(handler) for name, handler in handlers}
 
 
 def _guarded(command: Command) -> Command:
@@ -74,6 +80,32 @@ def list_sessions(args: argparse.Namespace) -> int:
         for info in infos
     ]
     print(_table(("NAME", "KIND", "C", "EPOCH", "WORLD", "SAMPLES", "OWNER", "LAST ACTIVITY"), rows))
+    return 0
+
+
+def show_session(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.get_session(args.session)
+        if info.spec.kind != "online_label_smoothing":
+            print(f"{args.session}: a {info.spec.kind} session, C={info.spec.n_classes}; it keeps no soft labels")
+            return 0
+        state = client.get_state(args.session)
+    supervise = state.supervise
+    diagonal = supervise.diagonal()
+    print(
+        f"{args.session}: online_label_smoothing, C={info.spec.n_classes}, alpha={info.spec.alpha}, epoch {state.epoch}"
+    )
+    print(
+        f"soft label on the true class (diagonal of S): mean {float(diagonal.mean()):.4f}, "
+        f"min {float(diagonal.min()):.4f} (class {int(diagonal.argmin())}), max {float(diagonal.max()):.4f}"
+    )
+    pairs = confused_pairs(supervise, args.top)
+    print("most confused class pairs (S[j, k]: the share of class k's soft label on class j):")
+    rows = [(str(pair.true_class), str(pair.other_class), f"{pair.mass:.4f}") for pair in pairs]
+    print(_table(("TRUE k", "OTHER j", "S[j, k]"), rows) if rows else "  none: every soft label is one-hot")
+    if args.png is not None:
+        heatmap_png(supervise, args.png, f"{args.session}: S at epoch {state.epoch}")
+        print(f"heatmap written to {args.png}")
     return 0
 
 
