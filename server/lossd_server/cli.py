@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from lossd_server import __version__
+from lossd_server import __version__, demo
 from lossd_server.app import serve
 from lossd_server.config import Settings
 from lossd_server.logs import configure_logging
@@ -25,7 +25,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         flag = "--" + name.replace("_", "-")
         kind: type = field.annotation if field.annotation in (int, float) else str  # type: ignore[assignment]
         run.add_argument(flag, dest=name, type=kind, help=f"{field.description or ''} [env LOSSD_{name.upper()}]")
-    return parser, add_commands(commands)
+    demo.add_command(commands)
+    return parser, {**add_commands(commands), "demo": demo.run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
