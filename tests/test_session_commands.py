@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import lossd
+from lossd.v1 import loss_service_pb2 as pb
 from lossd_server.cli import main
+from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
 from lossd_server.soft_label_view import confused_pairs, heatmap_png
 from tests.conftest import ols_spec
@@ -155,3 +157,50 @@ def test_confused_pairs_orders_by_mass_and_skips_the_diagonal_and_zeros() -> Non
     pairs = confused_pairs(s, top=10)
     assert [(p.true_class, p.other_class) for p in pairs] == [(1, 0), (0, 1)]
     assert [p.mass for p in pairs] == pytest.approx([0.3, 0.1])
+
+
+def test_show_reads_a_kept_past_epoch_and_the_diagonal_over_the_epochs(
+    capsys: pytest.CaptureFixture[str], server: EmbeddedServer, client: lossd.Client, session_name: str, tmp_path: Path
+) -> None:
+    """The shared server keeps its sessions in SQLite, with the S of past epochs."""
+    client.create_session(session_name, ols_spec(C))
+    generator = torch.Generator().manual_seed(11)
+    kept = {0: client.get_state(session_name).supervise}
+    for epoch in range(3):
+        labels = torch.arange(30) % C
+        logits = torch.randn(30, C, generator=generator) + (1.0 + epoch) * torch.nn.functional.one_hot(labels, C)
+        client.compute_loss(session_name, logits, labels, training=True)
+        client.next_epoch(session_name)
+        kept[epoch + 1] = client.get_state(session_name).supervise
+    epochs, diagonals = client.get_soft_label_history(session_name)
+    assert epochs[-1] == 3 and set(epochs) <= set(kept) and {1, 2, 3} <= set(epochs)
+    for epoch, diagonal in zip(epochs, diagonals, strict=True):
+        assert torch.equal(diagonal, kept[epoch].diagonal())
+    assert torch.equal(client.get_soft_labels(session_name, 1)[1], kept[1])
+
+    png = tmp_path / "s.png"
+    status, out, err = run(capsys, "show", session_name, "--epoch", "1", "--png", str(png), "--target", server.target)
+    assert status == 0 and err == ""
+    assert "epoch 1 (the session is at epoch 3)" in out.splitlines()[0]
+    assert f"mean {float(kept[1].diagonal().mean()):.4f}" in out
+    lines = out.splitlines()
+    table = lines[lines.index("the diagonal of S over the epochs the server keeps:") + 2 :]
+    means = {int(line.split()[0]): line.split()[1] for line in table if line.split() and line.split()[0].isdigit()}
+    assert means == {epoch: f"{float(kept[epoch].diagonal().mean()):.4f}" for epoch in epochs}
+    assert (tmp_path / "s_diagonal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    status, _, err = run(capsys, "show", session_name, "--epoch", "7", "--target", server.target)
+    assert status == 1 and "keeps no soft labels of epoch 7" in err and err.count("\n") == 1
+
+
+def test_a_memory_store_keeps_only_the_current_epoch(session_name: str) -> None:
+    settings = Settings(host="127.0.0.1", port=0, store="memory", grace_seconds=1)
+    with EmbeddedServer(settings) as memory, lossd.Client(memory.target) as client:
+        client.create_session(session_name, ols_spec(C))
+        client.next_epoch(session_name)
+        epochs, diagonals = client.get_soft_label_history(session_name)
+        assert epochs == [1] and diagonals.shape == (1, C)
+        with pytest.raises(lossd.NotFoundError, match="keeps no soft labels of epoch 0"):
+            client.get_soft_labels(session_name, 0)
+        with pytest.raises(lossd.InvalidArgumentError, match="epoch"):
+            client._call(client._stub.GetState, pb.GetStateRequest(session=session_name, epoch=0))

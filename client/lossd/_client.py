@@ -201,10 +201,17 @@ class Client:
 
     # Epoch-cached mode ------------------------------------------------------------
 
-    def get_soft_labels(self, session: str) -> tuple[int, torch.Tensor]:
-        """(epoch, supervise): the current epoch and its C x C float32 soft labels, column k for class k."""
-        message = self._call(self._stub.GetSoftLabels, pb.GetStateRequest(session=session))
+    def get_soft_labels(self, session: str, epoch: int | None = None) -> tuple[int, torch.Tensor]:
+        """(epoch, supervise): the C x C float32 soft labels, column k for class k, of the current epoch,
+        or of ``epoch`` if the server still keeps it (else NotFoundError)."""
+        message = self._call(self._stub.GetSoftLabels, pb.GetStateRequest(session=session, epoch=epoch))
         return message.epoch, _codec.decode(message.supervise, "supervise").clone()
+
+    def get_soft_label_history(self, session: str) -> tuple[list[int], torch.Tensor]:
+        """(epochs, diagonals): the epochs whose S the server keeps, ascending, and [len(epochs), C] float32,
+        each class's soft label on itself in each of them."""
+        message = self._call(self._stub.GetSoftLabelHistory, pb.GetStateRequest(session=session))
+        return list(message.epochs), _codec.decode(message.diagonals, "diagonals").clone()
 
     def add_statistics(
         self,

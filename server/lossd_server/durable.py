@@ -32,7 +32,15 @@ from lossd_server.progress import ProgressFiles
 from lossd_server.replay import ReplayLimits
 from lossd_server.session import Session, SessionView
 from lossd_server.statedb import SessionGone, StateDB, Statistics, StoreFileError
-from lossd_server.store import MemoryStore, SessionStore, StoreStats, check_capacity, check_name, reuse
+from lossd_server.store import (
+    MemoryStore,
+    SessionStore,
+    SoftLabelHistory,
+    StoreStats,
+    check_capacity,
+    check_name,
+    reuse,
+)
 
 log = logging.getLogger("lossd_server.durable")
 Key = tuple[str, str]  # (owner, name)
@@ -214,6 +222,17 @@ class DurableStore:
                 session = self._load(key)
             session.last_used = time.time()
             return session
+
+    def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
+        session = self.get(owner, name)
+        current = session.soft_labels()  # the live S: a just-finished epoch may be committed, never stale
+        kept = [
+            (epoch, soft)
+            for epoch in self._db.history(owner, name)
+            if epoch != current[0]
+            and (soft := self._db.soft_labels_at(owner, name, epoch, session.spec.n_classes)) is not None
+        ]
+        return [*kept, current]
 
     def list(self, owner: str) -> list[SessionView]:
         with self._lock:

@@ -322,7 +322,27 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     def _get_soft_labels(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
         epoch, soft_labels = self._store.get(owner, request.session).soft_labels()
+        if request.HasField("epoch") and request.epoch != epoch:
+            kept = dict(self._store.soft_label_history(owner, request.session))
+            if request.epoch not in kept:
+                raise NotFoundError(
+                    f"session {request.session!r} keeps no soft labels of epoch {request.epoch} "
+                    f"(kept: {sorted(kept)}; the current epoch is {epoch})"
+                )
+            epoch, soft_labels = request.epoch, kept[request.epoch]
         return pb.SessionState(epoch=epoch, supervise=_codec.encode(soft_labels.T))  # reference layout
+
+    def _soft_label_history(self, owner: str, request: pb.GetStateRequest) -> pb.SoftLabelHistory:
+        if request.HasField("epoch"):
+            raise InvalidArgumentError("epoch: GetSoftLabelHistory returns every kept epoch; leave it unset")
+        history = self._store.soft_label_history(owner, request.session)
+        diagonals = torch.stack([soft.diagonal() for _, soft in history]).to(torch.float32)
+        return pb.SoftLabelHistory(epochs=[epoch for epoch, _ in history], diagonals=_codec.encode(diagonals))
+
+    async def GetSoftLabelHistory(
+        self, request: pb.GetStateRequest, context: aio.ServicerContext
+    ) -> pb.SoftLabelHistory:
+        return await self._run(self._soft_label_history, self._identify(context), request)
 
     async def GetSoftLabels(self, request: pb.GetStateRequest, context: aio.ServicerContext) -> pb.SessionState:
         return await self._run(self._get_soft_labels, self._identify(context), request)
@@ -406,6 +426,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         )
 
     def _get_state(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
+        if request.HasField("epoch"):
+            raise InvalidArgumentError("epoch: GetState returns the current state; GetSoftLabels reads past epochs")
         state = self._store.get(owner, request.session).snapshot()
         return pb.SessionState(
             epoch=state.epoch,

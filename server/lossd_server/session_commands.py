@@ -17,7 +17,7 @@ from pathlib import Path
 from lossd import Client, LossdError, NotFoundError
 from lossd._config import DEFAULT_TARGET
 from lossd._statefile import StateFileError, read, write
-from lossd_server.soft_label_view import confused_pairs, heatmap_png
+from lossd_server.soft_label_view import confused_pairs, diagonal_png, heatmap_png
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -30,7 +30,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("file", type=Path)
     show = commands.add_parser("show", help="a session's soft labels: the most confused class pairs, a heatmap")
     show.add_argument("session")
-    show.add_argument("--png", type=Path, help="also draw S as a heatmap into this PNG file (needs matplotlib)")
+    show.add_argument("--epoch", type=int, help="the S of this past epoch, if the server keeps it (default: current)")
+    show.add_argument(
+        "--png",
+        type=Path,
+        help="also draw S as a heatmap into this PNG file, and the diagonal over the kept epochs "
+        "into FILE_diagonal.png (needs matplotlib)",
+    )
     show.add_argument("--top", type=int, default=10, help="how many confused pairs to list (default 10)")
     load = commands.add_parser("import", help="load a file written by `lossd export` into a session")
     load.add_argument("session", nargs="?", help="the session to load into (default: the name in the file)")
@@ -89,12 +95,12 @@ def show_session(args: argparse.Namespace) -> int:
         if info.spec.kind != "online_label_smoothing":
             print(f"{args.session}: a {info.spec.kind} session, C={info.spec.n_classes}; it keeps no soft labels")
             return 0
-        state = client.get_state(args.session)
-    supervise = state.supervise
+        epoch, supervise = client.get_soft_labels(args.session, args.epoch)
+        epochs, diagonals = client.get_soft_label_history(args.session)
     diagonal = supervise.diagonal()
-    print(
-        f"{args.session}: online_label_smoothing, C={info.spec.n_classes}, alpha={info.spec.alpha}, epoch {state.epoch}"
-    )
+    current = "" if epoch == info.epoch else f" (the session is at epoch {info.epoch})"
+    spec = info.spec
+    print(f"{args.session}: online_label_smoothing, C={spec.n_classes}, alpha={spec.alpha}, epoch {epoch}{current}")
     print(
         f"soft label on the true class (diagonal of S): mean {float(diagonal.mean()):.4f}, "
         f"min {float(diagonal.min()):.4f} (class {int(diagonal.argmin())}), max {float(diagonal.max()):.4f}"
@@ -103,9 +109,20 @@ def show_session(args: argparse.Namespace) -> int:
     print("most confused class pairs (S[j, k]: the share of class k's soft label on class j):")
     rows = [(str(pair.true_class), str(pair.other_class), f"{pair.mass:.4f}") for pair in pairs]
     print(_table(("TRUE k", "OTHER j", "S[j, k]"), rows) if rows else "  none: every soft label is one-hot")
+    if len(epochs) > 1:
+        print("the diagonal of S over the epochs the server keeps:")
+        history = [
+            (str(e), f"{float(d.mean()):.4f}", f"{float(d.min()):.4f}", str(int(d.argmin())))
+            for e, d in zip(epochs, diagonals, strict=True)
+        ]
+        print(_table(("EPOCH", "MEAN", "MIN", "MIN CLASS"), history))
     if args.png is not None:
-        heatmap_png(supervise, args.png, f"{args.session}: S at epoch {state.epoch}")
+        heatmap_png(supervise, args.png, f"{args.session}: S at epoch {epoch}")
         print(f"heatmap written to {args.png}")
+        if len(epochs) > 1:
+            path = args.png.with_name(f"{args.png.stem}_diagonal.png")
+            diagonal_png(epochs, diagonals, path, f"{args.session}: soft label on the true class")
+            print(f"diagonal over epochs written to {path}")
     return 0
 
 

@@ -35,8 +35,7 @@ def confused_pairs(supervise: torch.Tensor, top: int = 10) -> list[ConfusedPair]
     ]
 
 
-def heatmap_png(supervise: torch.Tensor, path: Path, title: str) -> Any:
-    """Draw S as a heatmap to ``path`` (PNG); returns the image artist, whose array is S as drawn."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -44,6 +43,34 @@ def heatmap_png(supervise: torch.Tensor, path: Path, title: str) -> Any:
         import matplotlib.pyplot as plt
     except ImportError:
         raise OSError("--png needs matplotlib: pip install 'lossd[tools]'") from None
+    return plt
+
+
+def diagonal_png(epochs: list[int], diagonals: torch.Tensor, path: Path, title: str) -> Any:
+    """Each class's soft label on itself over the epochs (a line per class up to 20 classes, the mean in
+    black); returns the mean's line artist."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    try:
+        data = diagonals.detach().to(torch.float64).cpu()
+        if data.shape[1] <= 20:
+            for c in range(data.shape[1]):
+                axes.plot(epochs, data[:, c].tolist(), linewidth=0.8, alpha=0.6)
+        mean = axes.plot(epochs, data.mean(dim=1).tolist(), color="black", linewidth=2, marker="o", label="mean")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("S[k, k]")
+        axes.set_title(title)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(path, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+    return mean[0]
+
+
+def heatmap_png(supervise: torch.Tensor, path: Path, title: str) -> Any:
+    """Draw S as a heatmap to ``path`` (PNG); returns the image artist, whose array is S as drawn."""
+    plt = _pyplot()
     data = supervise.detach().to(torch.float64).cpu().numpy()
     c = data.shape[0]
     figure, axes = plt.subplots(figsize=(min(12.0, 3.0 + 0.35 * c), min(10.0, 2.5 + 0.3 * c)))

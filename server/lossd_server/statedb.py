@@ -312,6 +312,14 @@ class StateDB:
             )
             return [row[0] for row in rows]
 
+    def soft_labels_at(self, owner: str, name: str, epoch: int, n_classes: int) -> torch.Tensor | None:
+        """The class-major S kept for ``epoch``, or None."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT supervise FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
+            ).fetchone()
+        return None if row is None else _tensor(row[0], np.dtype(np.float32), (n_classes, n_classes))
+
     def load(self, owner: str, name: str) -> StoredSession | None:
         with self._lock:
             db = self._connection

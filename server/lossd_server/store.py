@@ -73,6 +73,10 @@ class StoreStats:
     snapshot_age_seconds: float
 
 
+# (epoch, class-major S) per kept epoch, ascending (a name of its own: the stores have a method called list).
+SoftLabelHistory = list[tuple[int, torch.Tensor]]
+
+
 class SessionStore(Protocol):
     """Sessions keyed by (owner, name): an owner never sees another's sessions."""
 
@@ -88,6 +92,9 @@ class SessionStore(Protocol):
 
     def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
         """After each training batch: how many samples the epoch has seen, so a crash can report its loss."""
+
+    def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
+        """(epoch, class-major S) for every epoch whose S is kept, ascending; the last is the current one."""
 
     def close(self) -> None:
         """Persist what is held in memory and release the store."""
@@ -141,6 +148,9 @@ class MemoryStore:
         if session is None:
             raise NotFoundError(f"session {name!r} not found")
         return session
+
+    def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
+        return [self.get(owner, name).soft_labels()]  # memory keeps no past epochs
 
     def list(self, owner: str) -> list[SessionView]:
         with self._lock:

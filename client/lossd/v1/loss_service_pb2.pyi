@@ -778,19 +778,58 @@ class GetStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     session: _builtins.str
+    epoch: _builtins.int
+    """GetSoftLabels only: the S of this epoch if the server still keeps it (the
+    durable store keeps the latest epochs within --history-bytes; the memory
+    store only the current one), else NOT_FOUND. Absent: the current epoch.
+    """
     def __init__(
         self,
         *,
         session: _builtins.str = ...,
+        epoch: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___GetStateRequest: _TypeAlias = GetStateRequest  # noqa: Y015
+
+@_typing.final
+class SoftLabelHistory(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    DIAGONALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def epochs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The epochs whose S the server keeps, ascending; the last is the current one."""
+
+    @_builtins.property
+    def diagonals(self) -> Global___Tensor:
+        """[len(epochs), C] float32: the diagonal of S per epoch, each class's soft
+        label on itself.
+        """
+
+    def __init__(
+        self,
+        *,
+        epochs: _abc.Iterable[_builtins.int] | None = ...,
+        diagonals: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diagonals", b"diagonals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["diagonals", b"diagonals", "epochs", b"epochs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetStateRequest: _TypeAlias = GetStateRequest  # noqa: Y015
+Global___SoftLabelHistory: _TypeAlias = SoftLabelHistory  # noqa: Y015
 
 @_typing.final
 class SessionState(_message.Message):

@@ -84,6 +84,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.SessionState.FromString,
                 _registered_method=True)
+        self.GetSoftLabelHistory = channel.unary_unary(
+                '/lossd.v1.LossService/GetSoftLabelHistory',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.SoftLabelHistory.FromString,
+                _registered_method=True)
         self.AddStatistics = channel.unary_unary(
                 '/lossd.v1.LossService/AddStatistics',
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.SerializeToString,
@@ -160,6 +165,13 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSoftLabelHistory(self, request, context):
+        """How S's diagonal evolved over the epochs the server keeps (lossd show).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddStatistics(self, request, context):
         """Epoch-cached mode: add a client's locally accumulated statistics to the
         current epoch, exactly once per request_id.
@@ -220,6 +232,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.GetSoftLabels,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.SessionState.SerializeToString,
+            ),
+            'GetSoftLabelHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSoftLabelHistory,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.SoftLabelHistory.SerializeToString,
             ),
             'AddStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.AddStatistics,
@@ -497,6 +514,33 @@ class LossService:
             '/lossd.v1.LossService/GetSoftLabels',
             lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.SessionState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSoftLabelHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/GetSoftLabelHistory',
+            lossd_dot_v1_dot_loss__service__pb2.GetStateRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.SoftLabelHistory.FromString,
             options,
             channel_credentials,
             insecure,
