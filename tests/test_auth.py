@@ -19,6 +19,7 @@ import lossd
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server.auth import TokenFileError, anonymous, load_tokens, log_exposure, token_owner
+from lossd_server.cli import main
 from lossd_server.embedded import EmbeddedServer
 from tests._security import ALICE, BOB, CAROL, settings, start_error, token_file
 
@@ -290,3 +291,19 @@ def test_startup_logs_say_who_can_reach_the_server(caplog: pytest.LogCaptureFixt
     caplog.clear()
     log_exposure(settings(host="127.0.0.1"), anonymous)
     assert not caplog.records
+
+
+def test_sessions_name_their_owner_and_lossd_sessions_shows_only_the_callers(
+    server: EmbeddedServer, alice: lossd.Client, bob: lossd.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alice.create_session("owned-by-alice", lossd.SessionSpec(kind="cross_entropy", n_classes=3))
+    bob.create_session("owned-by-bob", lossd.SessionSpec(kind="cross_entropy", n_classes=3))
+    assert alice.get_session("owned-by-alice").owner == "alice"
+    assert [info.owner for info in bob.list_sessions()] == ["bob"] * len(bob.list_sessions())
+    assert main(["sessions", "--target", server.target, "--token", ALICE]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert ["owned-by-alice", "alice"] in [[row[0], row[6]] for row in rows]
+    assert all(row[6] == "alice" for row in rows)
+    assert main(["sessions", "--target", server.target, "--token", "not-a-valid-token-at-all"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lossd sessions: ") and err.count("\n") == 1
