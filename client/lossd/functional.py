@@ -24,6 +24,8 @@ from typing import Literal, overload
 
 import torch
 
+from lossd import _compiled
+
 Reduction = Literal["mean", "sum", "none"]
 Convention = Literal["uniform", "off_target"]
 OlsInit = Literal["label_smoothing", "uniform", "zeros"]
@@ -141,9 +143,7 @@ def target_cross_entropy(
         raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
     args = (logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale, weight)
     if compiled:
-        from lossd._compiled import compiled_loss_terms
-
-        terms = compiled_loss_terms(loss_terms, *args, reduction=reduction, need_grad=need_grad)
+        terms = _compiled.compiled_loss_terms(loss_terms, *args, reduction=reduction, need_grad=need_grad)
     else:
         terms = loss_terms(*args, reduction=reduction, need_grad=need_grad)
     loss, grad, probs, at_max, several = terms

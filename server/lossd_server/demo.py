@@ -170,9 +170,14 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return float(hits.float().mean()), expected_calibration_error(confidences, hits), nll, confidences, hits
 
 
+def confidence_bins(confidences: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """The bin of each confidence: (0, 1/bins] is bin 0, ..., ((bins-1)/bins, 1] the last, as in Guo et al."""
+    return (confidences * bins).ceil().clamp(1, bins).long() - 1
+
+
 def expected_calibration_error(confidences: torch.Tensor, hits: torch.Tensor, bins: int = ECE_BINS) -> float:
     """ECE over equal-width confidence bins (Guo et al. 2017): sum_b |B_b|/n * |acc(B_b) - conf(B_b)|."""
-    which = (confidences * bins).ceil().clamp(1, bins).long() - 1  # (0, 1/bins] is bin 0, as in the paper
+    which = confidence_bins(confidences, bins)
     total = 0.0
     for b in range(bins):
         members = which == b
@@ -232,14 +237,13 @@ def _plots(runs: list[Run], args: argparse.Namespace) -> list[Path]:
 
 
 def _reliability(plt: Any, confidences: torch.Tensor, hits: torch.Tensor, title: str, path: Path) -> None:
-    which = (confidences * ECE_BINS).ceil().clamp(1, ECE_BINS).long() - 1
-    centres, accuracies, counts = [], [], []
+    which = confidence_bins(confidences)
+    centres, accuracies = [], []
     for b in range(ECE_BINS):
         members = which == b
         if members.any():
             centres.append((b + 0.5) / ECE_BINS)
             accuracies.append(float(hits[members].float().mean()))
-            counts.append(int(members.sum()))
     figure, axes = plt.subplots(figsize=(4.5, 4.5))
     axes.bar(centres, accuracies, width=1 / ECE_BINS, edgecolor="black", label="accuracy")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")

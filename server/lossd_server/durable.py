@@ -223,6 +223,13 @@ class DurableStore:
             session.last_used = time.time()
             return session
 
+    def soft_labels_at(self, owner: str, name: str, epoch: int) -> torch.Tensor | None:
+        session = self.get(owner, name)
+        current, soft = session.soft_labels()
+        if epoch == current:
+            return soft
+        return self._db.soft_labels_at(owner, name, epoch, session.spec.n_classes)
+
     def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
         session = self.get(owner, name)
         current = session.soft_labels()  # the live S: a just-finished epoch may be committed, never stale

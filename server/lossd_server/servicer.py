@@ -323,13 +323,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def _get_soft_labels(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
         epoch, soft_labels = self._store.get(owner, request.session).soft_labels()
         if request.HasField("epoch") and request.epoch != epoch:
-            kept = dict(self._store.soft_label_history(owner, request.session))
-            if request.epoch not in kept:
+            past = self._store.soft_labels_at(owner, request.session, request.epoch)
+            if past is None:
+                kept = [kept_epoch for kept_epoch, _ in self._store.soft_label_history(owner, request.session)]
                 raise NotFoundError(
                     f"session {request.session!r} keeps no soft labels of epoch {request.epoch} "
-                    f"(kept: {sorted(kept)}; the current epoch is {epoch})"
+                    f"(kept: {kept}; the current epoch is {epoch})"
                 )
-            epoch, soft_labels = request.epoch, kept[request.epoch]
+            epoch, soft_labels = request.epoch, past
         return pb.SessionState(epoch=epoch, supervise=_codec.encode(soft_labels.T))  # reference layout
 
     def _soft_label_history(self, owner: str, request: pb.GetStateRequest) -> pb.SoftLabelHistory:

@@ -8,7 +8,6 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,10 +41,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     load.add_argument("session", nargs="?", help="the session to load into (default: the name in the file)")
     load.add_argument("file", type=Path)
     for parser in (sessions, show, export, load):
-        parser.add_argument(
-            "--target", default=os.environ.get("LOSSD_TARGET", DEFAULT_TARGET), help="server address [env LOSSD_TARGET]"
-        )
-        parser.add_argument("--token", default=os.environ.get("LOSSD_TOKEN"), help="bearer token [env LOSSD_TOKEN]")
+        # None: lossd.Client reads LOSSD_TARGET / LOSSD_TOKEN itself, as every other client does.
+        parser.add_argument("--target", help=f"server address [env LOSSD_TARGET, else {DEFAULT_TARGET}]")
+        parser.add_argument("--token", help="bearer token [env LOSSD_TOKEN]")
         parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     handlers = (("sessions", list_sessions), ("show", show_session), ("export", export_state), ("import", import_state))
     return {name: _guarded(handler) for name, handler in handlers}

@@ -96,6 +96,9 @@ class SessionStore(Protocol):
     def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
         """(epoch, class-major S) for every epoch whose S is kept, ascending; the last is the current one."""
 
+    def soft_labels_at(self, owner: str, name: str, epoch: int) -> torch.Tensor | None:
+        """The class-major S of ``epoch`` if it is kept, else None."""
+
     def close(self) -> None:
         """Persist what is held in memory and release the store."""
 
@@ -151,6 +154,10 @@ class MemoryStore:
 
     def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
         return [self.get(owner, name).soft_labels()]  # memory keeps no past epochs
+
+    def soft_labels_at(self, owner: str, name: str, epoch: int) -> torch.Tensor | None:
+        current, soft = self.get(owner, name).soft_labels()
+        return soft if epoch == current else None
 
     def list(self, owner: str) -> list[SessionView]:
         with self._lock:
