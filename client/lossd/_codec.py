@@ -56,9 +56,7 @@ def torch_dtype(message: pb.Tensor, field: str = "tensor") -> torch.dtype:
 
 def encode(tensor: torch.Tensor) -> pb.Tensor:
     """Serialise a tensor (any device, any layout) to raw bytes."""
-    dtype = wire_dtype(tensor.dtype)
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return pb.Tensor(dtype=dtype, shape=list(tensor.shape), data=flat.view(torch.uint8).numpy().tobytes())
+    return pb.Tensor(dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape), data=byte_view(tensor).tobytes())
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

@@ -165,7 +165,7 @@ class Segment:
         assert self._memory is not None
         return torch.frombuffer(self._memory, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
 
-    def write_bytes(self, offset: int, data: bytes) -> None:
+    def write_bytes(self, offset: int, data: bytes | memoryview) -> None:
         if self._fd is not None:
             view = memoryview(data)
             while view:  # pwrite past the end extends the file: never SIGBUS

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import cast
 
 import grpc
 import torch
@@ -113,8 +112,7 @@ def place_gradient(
     if not data.nbytes or data.nbytes > region.nbytes or not segment.contains(region.offset, data.nbytes):
         return None
     try:
-        # pwrite on the descriptor, never a mapping: see _shm.Segment. It takes any buffer, not just bytes.
-        segment.write_bytes(region.offset, cast(bytes, data))
+        segment.write_bytes(region.offset, data)  # pwrite on the descriptor, never a mapping: see _shm.Segment
     except OSError:
         return None  # /dev/shm full, say: inline, as without shared memory
     placed = pb.LossResponse()
