@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import servicer as servicer_module
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
+from lossd_server.replay import ID_ENTRY_BYTES
 from lossd_server.session import Session
 
 C = 5
@@ -671,9 +673,18 @@ def ols_bytes(c: int) -> int:
     return c * c * (4 + 8) + c * 8
 
 
+def assert_held(error: lossd.LossdError, held: int) -> None:
+    """The bytes in use the message quotes: the resident session's, plus its two kept responses (< 1 KiB)."""
+    match = re.search(r"; (\d+) of matrix_memory_bytes", error.message)
+    assert match is not None, error.message
+    assert held <= int(match.group(1)) < held + 1024, error.message
+
+
 def test_matrix_memory_is_resource_exhausted() -> None:
-    budget = 1000
-    assert ols_bytes(C) == 340 and ols_bytes(8) == 832 and ols_bytes(10) == 1280
+    # The resident session's rank 0 also holds its replay log (1024 ids of at most 1 KiB) in the same budget.
+    held = ols_bytes(C) + 1024 * ID_ENTRY_BYTES
+    budget = held + 700
+    assert ols_bytes(C) == 340 and ols_bytes(8) == 832 and ols_bytes(300) == 1_082_400 > budget
     with EmbeddedServer(embedded_settings(matrix_memory_bytes=budget)) as small, lossd.Client(small.target) as client:
         make_trained(client, "resident")
         before = snapshot(client, "resident")
@@ -681,22 +692,17 @@ def test_matrix_memory_is_resource_exhausted() -> None:
 
         # Alone too big for the budget.
         with pytest.raises(lossd.ResourceExhaustedError) as excinfo:
-            client.create_session("big", lossd.SessionSpec(kind="online_label_smoothing", n_classes=10, alpha=0.5))
+            client.create_session("big", lossd.SessionSpec(kind="online_label_smoothing", n_classes=300, alpha=0.5))
         assert_error(
-            excinfo.value,
-            lossd.ResourceExhaustedError,
-            "1280",
-            "n_classes=10",
-            f"{ols_bytes(C)} of",
-            "matrix_memory_bytes=1000",
+            excinfo.value, lossd.ResourceExhaustedError, "1082400", "n_classes=300", f"matrix_memory_bytes={budget}"
         )
+        assert_held(excinfo.value, held)
 
-        # Fits alone (832 <= 1000) but not next to the resident session (340 + 832 > 1000).
+        # Fits alone (832 <= budget) but not next to the resident session (held + 832 > budget).
         with pytest.raises(lossd.ResourceExhaustedError) as excinfo:
             client.create_session("medium", lossd.SessionSpec(kind="online_label_smoothing", n_classes=8, alpha=0.5))
-        assert_error(
-            excinfo.value, lossd.ResourceExhaustedError, "832", "n_classes=8", "340 of", "matrix_memory_bytes=1000"
-        )
+        assert_error(excinfo.value, lossd.ResourceExhaustedError, "832", "n_classes=8", f"matrix_memory_bytes={budget}")
+        assert_held(excinfo.value, held)
 
         assert [s.name for s in client.list_sessions()] == ["resident"]
         assert_unchanged(client, "resident", before)

@@ -145,11 +145,12 @@ class EpochCache:
 
     def weight(self, device: torch.device) -> torch.Tensor | None:
         """The class weights as the server holds them: float64."""
-        if self.spec.weight is None:
+        weights = self.spec.weight_tensor
+        if weights is None:
             return None
         weight = self._weights.get(device)
         if weight is None:
-            weight = self._weights[device] = torch.tensor(self.spec.weight, dtype=torch.float64, device=device)
+            weight = self._weights[device] = weights.to(device, copy=True)
         return weight
 
     def invalidate(self) -> None:

@@ -53,6 +53,43 @@ def _from_wire(table: dict[str, int], value: int) -> str | None:
     return None
 
 
+class ClassWeights:
+    """Per-class weights as one read-only float64 tensor, comparable and hashable like the tuple it replaces.
+
+    A tuple of 2^24 Python floats costs ~0.5 GiB; this costs 8 bytes a class.
+    """
+
+    __slots__ = ("_hash", "tensor")
+
+    def __init__(self, values: Any) -> None:
+        if isinstance(values, torch.Tensor):
+            tensor = values.detach().to("cpu", torch.float64, copy=True).reshape(-1)
+        else:
+            tensor = torch.tensor(values, dtype=torch.float64).reshape(-1)
+        tensor += 0.0  # -0.0 -> 0.0, so that equal weights hash equal
+        self.tensor = tensor
+        self._hash: int | None = None
+
+    def __len__(self) -> int:
+        return self.tensor.numel()
+
+    def __iter__(self) -> Any:
+        return iter(self.tensor.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, tuple | list):
+            other = ClassWeights(other)
+        return isinstance(other, ClassWeights) and torch.equal(self.tensor, other.tensor)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(self.tensor.numpy().tobytes())
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"ClassWeights({len(self)} classes)"
+
+
 @dataclass(frozen=True)
 class SessionSpec:
     """What a session computes. ``None`` leaves the choice to the server's default for the kind."""
@@ -64,10 +101,19 @@ class SessionSpec:
     alpha: float | None = None
     reduction: Reduction = "mean"
     ignore_index: int = DEFAULT_IGNORE_INDEX
-    weight: tuple[float, ...] | None = None
+    weight: ClassWeights | tuple[float, ...] | None = None  # a tuple is stored as ClassWeights
     init: OlsInit | None = None
     empty_class: EmptyClassPolicy | None = None
     world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and not isinstance(self.weight, ClassWeights):
+            object.__setattr__(self, "weight", ClassWeights(self.weight))
+
+    @property
+    def weight_tensor(self) -> torch.Tensor | None:
+        """The class weights as float64 [C] (shared: never write into it)."""
+        return self.weight.tensor if isinstance(self.weight, ClassWeights) else None
 
     def to_proto(self) -> pb.SessionSpec:
         message = pb.SessionSpec(
@@ -84,7 +130,8 @@ class SessionSpec:
         if self.alpha is not None:
             message.alpha = self.alpha
         if self.weight is not None:
-            message.weight.CopyFrom(_codec.encode(torch.tensor(self.weight, dtype=torch.float64)))
+            assert isinstance(self.weight, ClassWeights)
+            _codec.encode_into(message.weight, self.weight.tensor)
         return message
 
     @classmethod
@@ -92,7 +139,7 @@ class SessionSpec:
         """Read a spec; unknown enum values become None and are for the server to reject."""
         weight = None
         if message.HasField("weight"):
-            weight = tuple(float(w) for w in _codec.decode(message.weight, "spec.weight").reshape(-1).tolist())
+            weight = ClassWeights(_codec.decode(message.weight, "spec.weight"))
         return cls(
             kind=_from_wire(KINDS, message.kind),  # type: ignore[arg-type]
             n_classes=message.n_classes,

@@ -20,8 +20,10 @@ from lossd_server import __version__
 from lossd_server.auth import identify_from, log_exposure, server_credentials
 from lossd_server.config import Settings
 from lossd_server.device import resolve_device
+from lossd_server.admission import AdmissionInterceptor, loss_footprint_factor
 from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
+from lossd_server.memory import MemoryAccount
 from lossd_server.metrics import ServerMetrics
 from lossd_server.servicer import LossServicer
 from lossd_server.store import SessionStore
@@ -31,6 +33,22 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 
 
 FLUSH_SECONDS = 0.5
+# How long a call may wait for memory that calls in flight will release, before RESOURCE_EXHAUSTED.
+ADMISSION_WAIT_SECONDS = 2.0
+
+
+def request_memory(settings: Settings) -> MemoryAccount:
+    """The request budget; refuses settings under which no maximal loss request could ever be admitted."""
+    budget = settings.resolved_request_memory_bytes
+    limit = settings.resolved_max_message_bytes
+    needed = int(limit * loss_footprint_factor())
+    if needed > budget:
+        raise ValueError(
+            f"max_message_bytes={limit} cannot be admitted: a loss request that large holds about "
+            f"{loss_footprint_factor():g}x its size ({needed} bytes), more than request_memory_bytes={budget}; "
+            "raise --request-memory-bytes or lower --max-message-bytes"
+        )
+    return MemoryAccount("request", budget, "request_memory_bytes")
 
 
 @dataclass
@@ -72,19 +90,30 @@ async def start(settings: Settings) -> Running:
     identify = identify_from(settings)
     credentials = server_credentials(settings)
     device = resolve_device(settings.device)
+    limit = settings.resolved_max_message_bytes
+    work_memory = request_memory(settings)
     # A damaged store file fails here too; it is checked read-only and left as it is.
-    store = open_store(settings, device)
+    store = open_store(settings, device, work_memory)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="lossd-math")
-    limit = settings.max_message_bytes
     metrics = None
     if settings.metrics_port is not None:
         metrics = ServerMetrics(version=__version__, device=str(device), torch_version=torch.__version__)
+    # Admission first, so a call is admitted before its request is read (lossd_server.admission). Then
+    # metrics: it wraps the others and counts the status the client sees, after errors became codes.
+    admission = AdmissionInterceptor(work_memory, limit, f"/{SERVICE_NAME}/", ADMISSION_WAIT_SECONDS)
     server = aio.server(
-        # Metrics first: it then wraps the others and counts the status the client sees, after errors became codes.
-        interceptors=[ErrorInterceptor()] if metrics is None else [metrics.interceptor(), ErrorInterceptor()],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        interceptors=[admission, ErrorInterceptor()]
+        if metrics is None
+        else [admission, metrics.interceptor(), ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # Without BDP probing a stream's window stays at 64 KiB until its message is read, so an
+            # unread request costs no memory before admission.
+            ("grpc.http2.bdp_probe", 0),
+        ],
     )
     servicer = LossServicer(
         store,
@@ -93,6 +122,8 @@ async def start(settings: Settings) -> Running:
         on_training_samples=metrics.add_samples if metrics is not None else None,
         shared_memory_limit=limit if settings.shared_memory else 0,
         inline_math_bytes=settings.inline_math_bytes,
+        work_memory=work_memory,
+        admission_wait=ADMISSION_WAIT_SECONDS,
     )
     if metrics is not None:
         metrics.watch(store.stats)

@@ -12,6 +12,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1 << 20
 GiB = 1 << 30
 
+# A loss request of W bytes holds about this many W at its peak (message, decoded copy, float32 math,
+# gradient, encoded response): the request budget admits one of max_message_bytes at the least.
+LOSS_FOOTPRINT_FACTOR = 10
+
+
+def machine_memory_bytes() -> int:
+    """The memory this process may use: the cgroup's limit where one is set (a container), else the RAM."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOSSD_", extra="forbid")
@@ -22,12 +39,25 @@ class Settings(BaseSettings):
     )
     port: int = Field(50051, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:K.")
-    max_message_bytes: int = Field(
-        512 * MiB, ge=4 * MiB, description="Largest request or response; gRPC's default is 4 MiB."
+    max_message_bytes: int | None = Field(
+        None,
+        ge=4 * MiB,
+        description="Largest request or response. Default: what request_memory_bytes can admit "
+        "(request_memory_bytes / 10, at most 512 MiB); gRPC's own default is 4 MiB.",
     )
     max_sessions: int = Field(1024, ge=1, description="Sessions held at once.")
     matrix_memory_bytes: int = Field(
-        4 * GiB, ge=0, description="Budget for all OLS matrices (12 C^2 + 8 C bytes a session)."
+        4 * GiB,
+        ge=0,
+        description="Budget for what sessions hold between calls: OLS matrices (12 C^2 + 8 C bytes), class "
+        "weights (8 C bytes), kept replay responses and ids, and snapshot staging copies.",
+    )
+    request_memory_bytes: int | None = Field(
+        None,
+        ge=16 * MiB,
+        description="Budget for calls in flight: received messages and what their math and responses allocate. "
+        "Past it a call waits briefly, then gets RESOURCE_EXHAUSTED. Default: a quarter of the machine's "
+        "(or the container's) memory, at most 4 GiB.",
     )
     replay_ids: int = Field(
         1024, ge=1, description="Training request ids remembered per rank, so a resend is never applied twice."
@@ -88,6 +118,19 @@ class Settings(BaseSettings):
         if self.host is not None:
             return self.host
         return "0.0.0.0" if self.token_file is not None else "127.0.0.1"
+
+    @property
+    def resolved_request_memory_bytes(self) -> int:
+        if self.request_memory_bytes is not None:
+            return self.request_memory_bytes
+        return max(16 * MiB, min(4 * GiB, machine_memory_bytes() // 4))
+
+    @property
+    def resolved_max_message_bytes(self) -> int:
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        fitting = self.resolved_request_memory_bytes // LOSS_FOOTPRINT_FACTOR // MiB * MiB
+        return max(4 * MiB, min(512 * MiB, fitting))
 
     @property
     def resolved_state_dir(self) -> Path:

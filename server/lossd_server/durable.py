@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,16 +29,17 @@ import torch
 from lossd._exceptions import LossdError, NotFoundError, ResourceExhaustedError, UnavailableError
 from lossd._spec import SessionSpec
 from lossd_server.config import Settings
+from lossd_server.memory import MemoryAccount, Unlimited
 from lossd_server.progress import ProgressFiles
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Session, SessionView
+from lossd_server.session import Progress, Session, SessionView
 from lossd_server.statedb import SessionGone, StateDB, Statistics, StoreFileError
 from lossd_server.store import (
     MemoryStore,
     SessionStore,
     SoftLabelHistory,
     StoreStats,
-    check_capacity,
+    admit,
     check_name,
     reuse,
 )
@@ -70,6 +72,7 @@ class DurableStore:
         history_bytes: int = 64 << 20,
         idle_ttl_seconds: float = 1800.0,
         compiled_math: bool = False,
+        work_memory: MemoryAccount | None = None,
     ) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
@@ -77,7 +80,8 @@ class DurableStore:
         self._compiled_math = compiled_math
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
-        self._matrix_memory_bytes = matrix_memory_bytes
+        self.memory = MemoryAccount("state", matrix_memory_bytes, "matrix_memory_bytes")
+        self._work_memory = work_memory or Unlimited()
         self._history_bytes = history_bytes
         self._idle_ttl = idle_ttl_seconds
         self._snapshot_seconds = snapshot_seconds
@@ -126,16 +130,24 @@ class DurableStore:
     def _used_bytes(self) -> int:
         return sum(session.state_bytes for session in self._resident.values())
 
-    def _check_capacity(self, name: str, spec: SessionSpec, *, new: bool) -> None:
-        check_capacity(
+    def _new_session(self, name: str, spec: SessionSpec, *, new: bool, build: Callable[[], Session]) -> Session:
+        """``build()`` the session with its state reserved; RESOURCE_EXHAUSTED, with the numbers, if it does not fit."""
+        reservation = admit(
             name,
             spec,
             sessions=len(self._known) if new else 0,  # a stored session already counts
             max_sessions=self._max_sessions,
-            used_bytes=self._used_bytes(),
-            budget_bytes=self._matrix_memory_bytes,
+            memory=self.memory,
+            work_memory=self._work_memory,
             hint=f" (idle sessions leave memory after idle_ttl_seconds={self._idle_ttl:g})",
         )
+        try:
+            session = build()
+        except BaseException:
+            reservation.release()
+            raise
+        session.memory = reservation
+        return session
 
     def _attach(self, key: Key, session: Session) -> Session:
         owner = key[0]
@@ -144,23 +156,28 @@ class DurableStore:
         self._resident[key] = session
         return session
 
-    def _seen(self, incarnation: str, epoch: int) -> int | None:
-        progress = self._progress.read(incarnation)
-        return progress[1] if progress is not None and progress[0] == epoch else None
-
     def _load(self, key: Key) -> Session:
         """Called under the store lock."""
-        stored = self._db.load(*key)
-        if stored is None:
+        summary = self._db.summary(*key)
+        if summary is None:
             raise NotFoundError(f"session {key[1]!r} not found")
-        self._check_capacity(key[1], stored.spec, new=False)
-        session = Session.from_stored(
-            stored,
-            self._device,
-            self._replay,
-            self._seen(stored.incarnation, stored.epoch),
-            compiled_math=self._compiled_math,
-        )
+
+        def build() -> Session:
+            stored = self._db.load(*key)
+            if stored is None:
+                raise NotFoundError(f"session {key[1]!r} not found")
+            return Session.from_stored(
+                stored,
+                self._device,
+                self._replay,
+                self._progress.read(stored.incarnation),
+                compiled_math=self._compiled_math,
+                state_memory=self.memory,
+                work_memory=self._work_memory,
+            )
+
+        # Reserved before the matrices are read, from the spec alone.
+        session = self._new_session(key[1], summary.spec, new=False, build=build)
         self._attach(key, session)
         if session.samples_lost:
             log.warning(
@@ -195,8 +212,7 @@ class DurableStore:
             raise UnavailableError(
                 f"could not make epoch {new.epoch} of session {session.name!r} durable: {error}"
             ) from error
-        if replaced:  # the count of samples seen restarts from the loaded state
-            self._progress.reset(session.incarnation, new.epoch, new.samples)
+        self._progress.covered(session.incarnation, new.changes)  # the new state covers every batch before it
 
     # SessionStore ----------------------------------------------------------------
 
@@ -206,13 +222,30 @@ class DurableStore:
         with self._lock:
             if key in self._resident or key in self._known:
                 return reuse(self.get(owner, name), spec), False
-            self._check_capacity(name, spec, new=True)
-            session = Session(name, spec, self._device, self._replay, compiled_math=self._compiled_math)
-            self._db.put_session(owner, name, session.incarnation, spec, session.created_at)
+            session = self._new_session(
+                name,
+                spec,
+                new=True,
+                build=lambda: Session(
+                    name,
+                    spec,
+                    self._device,
+                    self._replay,
+                    compiled_math=self._compiled_math,
+                    state_memory=self.memory,
+                    work_memory=self._work_memory,
+                ),
+            )
+            try:
+                self._db.put_session(owner, name, session.incarnation, spec, session.created_at)
+            except BaseException:
+                session.release_memory()
+                raise
             self._known.add(key)
             return self._attach(key, session), True
 
     def get(self, owner: str, name: str) -> Session:
+        check_name(name)
         key = (owner, name)
         with self._lock:
             session = self._resident.get(key)
@@ -253,11 +286,12 @@ class DurableStore:
                 continue
             stored = self._db.summary(*key)  # no matrices read for a session out of memory
             if stored is not None:  # else deleted meanwhile
-                seen = self._seen(stored.incarnation, stored.epoch)
-                views.append(Session.from_stored(stored, torch.device("cpu"), self._replay, seen).view())
+                progress = self._progress.read(stored.incarnation)
+                views.append(Session.from_stored(stored, torch.device("cpu"), self._replay, progress).view())
         return views
 
     def delete(self, owner: str, name: str) -> Session | None:
+        check_name(name)
         key = (owner, name)
         with self._lock:
             if key not in self._known:
@@ -268,6 +302,7 @@ class DurableStore:
                 # Retired first: a call still holding it can no longer change or save anything.
                 session.abort_barrier(NotFoundError(f"session {name!r} was deleted while ranks waited in next_epoch"))
                 session.retire(NotFoundError(f"session {name!r} was deleted"))
+                session.release_memory()
                 incarnation = session.incarnation
             else:
                 stored = self._db.summary(owner, name)
@@ -278,13 +313,13 @@ class DurableStore:
                 self._progress.release(incarnation, delete=True)
         return session
 
-    def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
+    def record_progress(self, owner: str, session: Session, progress: Progress | None) -> None:
         """Best effort: the batch is applied already, so a failure here must not fail (and resend) it."""
-        if session.retired:
+        if session.retired or progress is None:
             return
         try:
-            self._progress.record(session.incarnation, epoch, samples)
-        except OSError:
+            self._progress.record(session.incarnation, progress)
+        except Exception:
             log.exception("could not record progress of session %r; samples_lost may read low", session.name)
 
     def stats(self) -> StoreStats:
@@ -373,7 +408,7 @@ class DurableStore:
         os.close(self._lock_fd)
 
 
-def open_store(settings: Settings, device: torch.device) -> SessionStore:
+def open_store(settings: Settings, device: torch.device, work_memory: MemoryAccount | None = None) -> SessionStore:
     """The store the settings ask for; a damaged store file raises StoreFileError and is left untouched."""
     replay = ReplayLimits(ids=settings.replay_ids, responses=settings.replay_responses)
     if settings.store == "memory":
@@ -384,6 +419,7 @@ def open_store(settings: Settings, device: torch.device) -> SessionStore:
             matrix_memory_bytes=settings.matrix_memory_bytes,
             replay=replay,
             compiled_math=settings.compile_math,
+            work_memory=work_memory,
         )
     return DurableStore(
         settings.resolved_state_dir,
@@ -395,4 +431,5 @@ def open_store(settings: Settings, device: torch.device) -> SessionStore:
         history_bytes=settings.history_bytes,
         idle_ttl_seconds=settings.idle_ttl_seconds,
         compiled_math=settings.compile_math,
+        work_memory=work_memory,
     )

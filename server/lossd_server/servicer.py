@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,14 +25,19 @@ from lossd._exceptions import DeadlineExceededError, InvalidArgumentError, NotFo
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import shared_memory
+from lossd_server.admission import loss_footprint
 from lossd_server.auth import Identify, anonymous
 from lossd_server.batch import decode_batch
 from lossd_server.errors import status_of
+from lossd_server.identifiers import MAX_REQUEST_ID, check_request_id, check_session_name
+from lossd_server.memory import MemoryAccount, Reservation, Unlimited, reserve_async
+from lossd_server.replay import Commit
 from lossd_server.session import Session, SessionView, StateSnapshot, Upload, check_upload
 from lossd_server.spec import canonical_spec
 from lossd_server.store import SessionStore
 
 T = TypeVar("T")
+log = logging.getLogger("lossd_server")
 
 # A barrier call answers this long before its deadline, so the caller learns
 # which ranks are missing instead of a bare DEADLINE_EXCEEDED from gRPC.
@@ -62,6 +68,12 @@ class _Answer:
 
     response: pb.LossResponse  # every field but grad
     grad: torch.Tensor | None  # contiguous, CPU, wire dtype, times 2^grad_exponent; never written to
+
+    @property
+    def nbytes(self) -> int:
+        """What keeping it costs (the replay log reserves this)."""
+        grad = 0 if self.grad is None else self.grad.numel() * self.grad.element_size()
+        return self.response.ByteSize() + grad
 
 
 def _inline(answer: _Answer) -> pb.LossResponse:
@@ -126,8 +138,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
         on_training_samples: Callable[[int], None] | None = None,
         shared_memory_limit: int = 512 << 20,
         inline_math_bytes: int = 0,
+        work_memory: MemoryAccount | None = None,
+        admission_wait: float = 2.0,
     ) -> None:
         self._store = store
+        # Calls in flight reserve what they allocate here first (lossd_server.admission).
+        self._work_memory = work_memory or Unlimited()
+        self._admission_wait = admission_wait
         # Stream requests with at most this many bytes of logits run on the event loop itself: no
         # hand-off to a worker thread and back. 0: every request goes to the workers.
         self._inline_math_bytes = inline_math_bytes
@@ -177,6 +194,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # Session management -------------------------------------------------
 
     def _create(self, owner: str, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
+        check_session_name(request.name)
         session, created = self._store.create(owner, request.name, canonical_spec(request.spec))
         return pb.CreateSessionResponse(session=session_message(session.view(), owner), created=created)
 
@@ -222,6 +240,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return _inline(answer)
 
     def _answer(self, owner: str, request: pb.LossRequest) -> _Answer:
+        check_session_name(request.session)
+        check_request_id(request.request_id)
         session = self._store.get(owner, request.session)
         session.check_rank(request.rank)
         if not (request.training and request.request_id):
@@ -231,7 +251,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             request.rank,
             request.request_id,
             fingerprint,
-            lambda: self._respond(owner, session, request, fingerprint),
+            lambda commit: self._respond(owner, session, request, fingerprint, commit=commit),
             recompute=lambda: self._respond(owner, session, request, count=False),
         )
         assert isinstance(answer, _Answer)
@@ -248,9 +268,16 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._segment.current = None
 
     def _respond(
-        self, owner: str, session: Session, request: pb.LossRequest, fingerprint: str = "", *, count: bool = True
+        self,
+        owner: str,
+        session: Session,
+        request: pb.LossRequest,
+        fingerprint: str = "",
+        *,
+        count: bool = True,
+        commit: Commit | None = None,
     ) -> _Answer:
-        """``count=False`` answers a resend whose statistics were applied before a restart: same math, no counting."""
+        """``count=False`` answers a resend whose statistics were applied already: same math, no counting."""
         batch = decode_batch(request, session.spec, getattr(self._segment, "current", None))
         training = request.training and count
         result = session.compute(
@@ -260,12 +287,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
             rank=request.rank,
             epoch=request.epoch if request.HasField("epoch") else None,
             request=(request.request_id, fingerprint) if training and request.request_id else None,
+            commit=commit,
         )
-        if training:
-            self._store.record_progress(owner, session, result.epoch, result.samples_seen)
         output = result.output
         if training:
-            self._on_training_samples(output.n_used)
+            self._applied(owner, session, result.progress, output.n_used)
         response = pb.LossResponse(
             request_id=request.request_id,
             loss=_codec.encode(output.loss),
@@ -278,6 +304,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
         # Encoded only when sent: into a shared-memory segment it goes from this tensor's memory.
         grad, response.grad_exponent = _codec.scale_gradient(output.grad, batch.logits.dtype)
         return _Answer(response, grad.to("cpu").contiguous())
+
+    def _applied(self, owner: str, session: Session, progress: object, samples: int) -> None:
+        """After a batch was applied: the progress log and the metrics, best effort (it is applied either way)."""
+        self._store.record_progress(owner, session, progress)  # type: ignore[arg-type]
+        try:
+            self._on_training_samples(samples)
+        except Exception:
+            log.exception("could not count %d training samples in the metrics", samples)
 
     async def ComputeLoss(self, request: pb.LossRequest, context: aio.ServicerContext) -> pb.LossResponse:
         return await self._run(self._compute, self._identify(context), request)
@@ -295,7 +329,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 segment = attached or segment
                 yield response
                 continue
+            reservation: Reservation | None = None
             try:
+                # Admitted now that its size is known: its math and its answer must fit the request budget.
+                reservation = await reserve_async(
+                    self._work_memory, loss_footprint(request), "a LossStream request", wait=self._admission_wait
+                )
                 inline = self._runs_inline(request)
                 if segment is None:
                     response = await self._run(self._compute, owner, request, inline=inline)
@@ -304,9 +343,14 @@ class LossServicer(pb_grpc.LossServiceServicer):
             except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
                 response = pb.LossResponse(
-                    request_id=request.request_id, error=pb.Error(code=code.value[0], message=message)
+                    request_id=request.request_id[:MAX_REQUEST_ID],
+                    error=pb.Error(code=code.value[0], message=message),
                 )
-            yield response
+            try:
+                yield response
+            finally:
+                if reservation is not None:  # held until the answer is written out
+                    reservation.release()
 
     def _runs_inline(self, request: pb.LossRequest) -> bool:
         """Whether a stream request is small enough (--inline-math-bytes) to run on the event loop."""
@@ -321,6 +365,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # Epoch-cached mode ------------------------------------------------------------
 
     def _get_soft_labels(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
+        check_session_name(request.session)
+        with self._answer_memory(self._store.get(owner, request.session), 2, "GetSoftLabels"):
+            return self._soft_labels_message(owner, request)
+
+    def _soft_labels_message(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
         epoch, soft_labels = self._store.get(owner, request.session).soft_labels()
         if request.HasField("epoch") and request.epoch != epoch:
             past = self._store.soft_labels_at(owner, request.session, request.epoch)
@@ -334,6 +383,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return pb.SessionState(epoch=epoch, supervise=_codec.encode(soft_labels.T))  # reference layout
 
     def _soft_label_history(self, owner: str, request: pb.GetStateRequest) -> pb.SoftLabelHistory:
+        check_session_name(request.session)
         if request.HasField("epoch"):
             raise InvalidArgumentError("epoch: GetSoftLabelHistory returns every kept epoch; leave it unset")
         history = self._store.soft_label_history(owner, request.session)
@@ -349,6 +399,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return await self._run(self._get_soft_labels, self._identify(context), request)
 
     def _add_statistics(self, owner: str, request: pb.StatisticsRequest) -> pb.Session:
+        check_session_name(request.session)
+        check_request_id(request.request_id)
         session = self._store.get(owner, request.session)
         session.check_rank(request.rank)
         if session.spec.kind != "online_label_smoothing":
@@ -364,12 +416,11 @@ class LossServicer(pb_grpc.LossServiceServicer):
         check_upload(session.spec, upload)  # before any state changes
         fingerprint = _statistics_fingerprint(request)
 
-        def apply() -> pb.Session:
-            view, seen = session.add_statistics(
-                upload, rank=request.rank, epoch=request.epoch, request=(request.request_id, fingerprint)
+        def apply(commit: Commit) -> pb.Session:
+            view, _, progress = session.add_statistics(
+                upload, rank=request.rank, epoch=request.epoch, request=(request.request_id, fingerprint), commit=commit
             )
-            self._store.record_progress(owner, session, view.epoch, seen)
-            self._on_training_samples(upload.samples)
+            self._applied(owner, session, progress, upload.samples)
             return session_message(view, owner)
 
         return session.replay.run_once(  # type: ignore[return-value]
@@ -387,6 +438,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # Epochs and state ---------------------------------------------------------
 
     def _arrive(self, owner: str, request: pb.NextEpochRequest) -> tuple[Session, Future[SessionView]]:
+        check_session_name(request.session)
         session = self._store.get(owner, request.session)
         return session, session.arrive(request.rank, request.epoch if request.HasField("epoch") else None)
 
@@ -426,10 +478,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
             f"world_size={session.world_size} have); this rank's call stays recorded"
         )
 
+    def _answer_memory(self, session: Session, copies: int, what: str) -> Reservation:
+        """A reservation for an answer that copies the session's matrices ``copies`` times (copy, encode, send)."""
+        return self._work_memory.reserve(
+            copies * session.state_bytes, f"{what} of session {session.name!r}", wait=self._admission_wait
+        )
+
     def _get_state(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:
+        check_session_name(request.session)
         if request.HasField("epoch"):
             raise InvalidArgumentError("epoch: GetState returns the current state; GetSoftLabels reads past epochs")
-        state = self._store.get(owner, request.session).snapshot()
+        session = self._store.get(owner, request.session)
+        with self._answer_memory(session, 3, "GetState"):
+            return self._state_message(session)
+
+    def _state_message(self, session: Session) -> pb.SessionState:
+        state = session.snapshot()
         return pb.SessionState(
             epoch=state.epoch,
             # The wire carries the reference layout: column k is the soft label of class k.
@@ -443,6 +507,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return await self._run(self._get_state, self._identify(context), request)
 
     def _load_state(self, owner: str, request: pb.LoadStateRequest) -> pb.Session:
+        check_session_name(request.session)
         session = self._store.get(owner, request.session)
         message = request.state
         tensors: dict[str, torch.Tensor] = {}

@@ -9,6 +9,7 @@ next_epoch, and the last arrival publishes S from everyone's statistics.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
 import uuid
@@ -23,7 +24,9 @@ from lossd import functional as F
 from lossd._exceptions import AbortedError, FailedPreconditionError, InvalidArgumentError, LossdError
 from lossd._spec import SessionSpec
 from lossd_server.batch import Batch
-from lossd_server.replay import ReplayLimits, ReplayLog
+from lossd_server.memory import MemoryAccount, Reservation, Unlimited
+from lossd_server.replay import Commit, ReplayLimits, ReplayLog
+from lossd_server.spec import MAX_COUNT, MAX_EPOCH, finite_in_float32
 from lossd_server.statedb import Statistics, StoredSession
 
 # Called under the session lock before a new state is published: when an epoch
@@ -33,11 +36,40 @@ DurableHook = Callable[["Session", Statistics, "torch.Tensor | None"], None]
 
 
 def state_bytes(spec: SessionSpec) -> int:
-    """Memory of the session's matrices: float32 soft labels, float64 accumulator, int64 counts."""
-    if spec.kind != "online_label_smoothing":
-        return 0
+    """What the session holds: float32 soft labels, float64 accumulator, int64 counts, float64 class weights."""
     c = spec.n_classes
-    return c * c * (4 + 8) + c * 8
+    weights = 8 * c if spec.weight is not None else 0
+    if spec.kind != "online_label_smoothing":
+        return weights
+    return c * c * (4 + 8) + c * 8 + weights
+
+
+def epoch_end_bytes(spec: SessionSpec) -> int:
+    """Transient memory of finishing an epoch (the float64 average, then the float32 S): 12 C^2."""
+    return 12 * spec.n_classes**2 if spec.kind == "online_label_smoothing" else 0
+
+
+def snapshot_bytes(spec: SessionSpec) -> int:
+    """The staging copy a snapshot takes of the accumulator and counts."""
+    return 8 * spec.n_classes**2 + 8 * spec.n_classes if spec.kind == "online_label_smoothing" else 0
+
+
+def request_digest(rank: int, request_id: str) -> bytes:
+    """A fixed-size key for (rank, request id): what the progress log records and a resend is matched by."""
+    return hashlib.blake2b(f"{rank}\0{request_id}".encode(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One applied training batch, as the progress log records it (see lossd_server.progress)."""
+
+    epoch: int
+    changes: int  # Session.changes right after it: unique, so a record written twice counts once
+    samples: int
+    digest: bytes  # request_digest, or 16 zero bytes for a request without an id (it cannot be resent)
+
+
+NO_DIGEST = bytes(16)
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,7 @@ class Result:
     output: F.LossOutput
     epoch: int
     samples_seen: int = 0  # in this epoch, after this batch, counting samples a crash lost
+    progress: Progress | None = None  # for the progress log; None when nothing was counted
 
 
 @dataclass(frozen=True)
@@ -84,6 +117,15 @@ class SessionView:
     snapshot_at: float = 0.0
 
 
+def _response_bytes(response: object) -> int:
+    """What a kept replay response costs: its own ``nbytes``, or a protobuf message's size."""
+    nbytes = getattr(response, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    byte_size = getattr(response, "ByteSize", None)
+    return int(byte_size()) if callable(byte_size) else 0
+
+
 @dataclass(frozen=True)
 class _Finished:
     epoch: int  # the epoch that was finished
@@ -99,8 +141,13 @@ class Session:
         replay: ReplayLimits | None = None,
         *,
         compiled_math: bool = False,
+        state_memory: MemoryAccount | None = None,
+        work_memory: MemoryAccount | None = None,
     ) -> None:
         self.name = name
+        # The budgets: what the session holds (its reservation is the store's), and transient work.
+        self.memory: Reservation | None = None
+        self._work_memory = work_memory or Unlimited()
         self.compiled_math = compiled_math  # the loss math through torch.compile (lossd._compiled)
         self.spec = spec
         self.device = device
@@ -109,7 +156,7 @@ class Session:
         self.samples_this_epoch = 0
         self.correct_this_epoch = 0
         self._replay_limits = replay or ReplayLimits()
-        self.replay: ReplayLog[object] = ReplayLog(self._replay_limits)
+        self.replay: ReplayLog[object] = ReplayLog(self._replay_limits, state_memory, _response_bytes)
         self._lock = threading.Lock()
         # Durability: training ids whose statistics are in the accumulator (so a snapshot
         # carries them), a counter of changes since the last snapshot, and what a crash lost.
@@ -118,6 +165,8 @@ class Session:
         self.changes = 0  # bumped by every change of state; never goes down
         self.saved_changes = 0  # what the store last made durable
         self.samples_lost = 0
+        # Batches a crash lost that a resend may still re-apply: request_digest -> samples.
+        self.lost: dict[bytes, int] = {}
         self.snapshot_at = 0.0
         self.last_used = time.time()
         self.on_epoch: DurableHook | None = None
@@ -130,9 +179,8 @@ class Session:
         # Bumped whenever the soft labels or the epoch change, so a computation started
         # outside the lock can tell whether it still applies.
         self._generation = 0
-        self._weight = (
-            torch.tensor(spec.weight, dtype=torch.float64, device=device) if spec.weight is not None else None
-        )
+        weights = spec.weight_tensor
+        self._weight = weights.to(device) if weights is not None else None
         self._ols = spec.kind == "online_label_smoothing"
         c = spec.n_classes
         if self._ols:
@@ -245,6 +293,12 @@ class Session:
             self._retired = error
             self._release_waiters(error)
 
+    def release_memory(self) -> None:
+        """Give back what the session reserved (it left memory for good); its tensors go with the object."""
+        self.replay.close()
+        if self.memory is not None:
+            self.memory.release()
+
     def compute(
         self,
         batch: Batch,
@@ -254,12 +308,16 @@ class Session:
         rank: int = 0,
         epoch: int | None = None,
         request: tuple[str, str] | None = None,
+        commit: Commit | None = None,
     ) -> Result:
         """Loss and gradient; in training mode, also this epoch's statistics, atomically.
 
         ``epoch``, when given, must be the session's epoch. The math runs outside the
         lock, on the (epoch, soft labels) pair current when it starts, so ranks sharing
         a session compute in parallel; only adding the statistics is serialised.
+
+        All or nothing: everything that can fail runs before the one in-place change
+        (the accumulator's ``index_add_``); ``commit`` is marked right after it.
         """
         self.check_rank(rank)
         logits, labels = batch.logits.to(self.device), batch.labels.to(self.device)
@@ -278,27 +336,64 @@ class Session:
                 # compute again against the state the statistics will be added to.
                 output = self._forward(logits, labels, need_grad, self._soft_labels_or_none())
                 rows, probs = F.correct_rows(output, labels) if self._ols else (None, None)
+            counts = None
+            if rows is not None and probs is not None:
+                counts = self._counts.index_add(0, rows, torch.ones_like(rows))  # a new tensor: nothing changed yet
+            self._check_totals(output.n_used, output.n_correct, counts)
             if rows is not None and probs is not None:
                 self._accumulator.index_add_(0, rows, probs)
-                self._counts.index_add_(0, rows, torch.ones_like(rows))
-            self._counted(output.n_used, output.n_correct, rank, request)
-            return Result(output, self.epoch, self.samples_this_epoch + self.samples_lost)
+            progress = self._counted(output.n_used, output.n_correct, counts, rank, request, commit)
+            return Result(output, self.epoch, self.samples_this_epoch + self.samples_lost, progress)
 
-    def _counted(self, samples: int, correct: int, rank: int, request: tuple[str, str] | None) -> None:
-        """Under the lock, after statistics were added: the counts, and the id a snapshot must carry."""
+    def _check_totals(self, samples: int, correct: int, counts: torch.Tensor | None) -> None:
+        """Under the lock, before anything changes: no total may pass MAX_COUNT (so none can overflow)."""
+        if self.samples_this_epoch + samples + self.samples_lost > MAX_COUNT or (
+            counts is not None and counts.numel() and int(counts.max()) > MAX_COUNT
+        ):
+            raise InvalidArgumentError(
+                f"samples: session {self.name!r} would count more than {MAX_COUNT} samples in epoch {self.epoch} "
+                f"({self.samples_this_epoch} so far, {samples} more); call next_epoch first"
+            )
+        del correct  # correct <= samples, so bounded by the same check
+
+    def _counted(
+        self,
+        samples: int,
+        correct: int,
+        counts: torch.Tensor | None,
+        rank: int,
+        request: tuple[str, str] | None,
+        commit: Commit | None,
+    ) -> Progress:
+        """Under the lock, after the accumulator took the batch: the commit. Nothing here can fail."""
+        if counts is not None:
+            self._counts = counts
+        if commit is not None:
+            commit.applied = True
         self.samples_this_epoch += samples
         self.correct_this_epoch += correct
         self.updated_at = time.time()
         self.changes += 1
+        digest = NO_DIGEST
         if request is not None:
             applied = self._applied.setdefault(rank, OrderedDict())
             applied[request[0]] = request[1]
             while len(applied) > self._replay_limits.ids:
                 applied.popitem(last=False)
+            if self.lost:  # after a crash: a resend of a lost batch is counted now, so it is no longer lost
+                digest = request_digest(rank, request[0])
+                self.samples_lost -= self.lost.pop(digest, 0)
+        return Progress(self.epoch, self.changes, samples, digest)
 
     def add_statistics(
-        self, upload: Upload, *, rank: int, epoch: int, request: tuple[str, str] | None = None
-    ) -> tuple[SessionView, int]:
+        self,
+        upload: Upload,
+        *,
+        rank: int,
+        epoch: int,
+        request: tuple[str, str] | None = None,
+        commit: Commit | None = None,
+    ) -> tuple[SessionView, int, Progress]:
         """Epoch-cached mode: add a client's locally accumulated statistics, atomically.
 
         ``upload`` must already be validated by :func:`check_upload`. Returns the
@@ -314,11 +409,12 @@ class Session:
         counts = upload.counts.to(self.device, torch.int64)
         with self._lock:
             self._check_epoch(epoch, rank, True)
+            new_counts = self._counts.index_add(0, classes, counts) if classes.numel() else None
+            self._check_totals(upload.samples, upload.correct, new_counts)
             if classes.numel():
                 self._accumulator.index_add_(0, classes, rows)
-                self._counts.index_add_(0, classes, counts)
-            self._counted(upload.samples, upload.correct, rank, request)
-            return self._view(), self.samples_this_epoch + self.samples_lost
+            progress = self._counted(upload.samples, upload.correct, new_counts, rank, request, commit)
+            return self._view(), self.samples_this_epoch + self.samples_lost, progress
 
     def soft_labels(self) -> tuple[int, torch.Tensor]:
         """(epoch, class-major S on the CPU), read together: what an epoch-cached client computes with."""
@@ -359,7 +455,10 @@ class Session:
             done = self._epoch_done
             if len(self._ranks_finished) == self.world_size:
                 try:
-                    self._finish_epoch()
+                    with self._work_memory.reserve(
+                        epoch_end_bytes(self.spec), f"the end of epoch {self.epoch} of session {self.name!r}", wait=5.0
+                    ):
+                        self._finish_epoch()
                 except BaseException:
                     self._ranks_finished.discard(rank)  # not finished: this rank's retry arrives afresh
                     raise
@@ -407,6 +506,7 @@ class Session:
             self._accumulator.zero_()
             self._counts.zero_()
         self.samples_lost = 0
+        self.lost.clear()
         self.changes = new.changes
         self._applied.clear()  # ids of the finished epoch: its requests are refused by their epoch tag now
         self.epoch += 1
@@ -437,6 +537,7 @@ class Session:
                 applied,
                 time.time(),
                 self.changes,
+                {digest.hex(): samples for digest, samples in self.lost.items()},
             )
             return statistics, self.changes
 
@@ -446,16 +547,26 @@ class Session:
         stored: StoredSession,
         device: torch.device,
         replay: ReplayLimits | None,
-        samples_seen: int | None,
+        progress: list[Progress],
         *,
         compiled_math: bool = False,
+        state_memory: MemoryAccount | None = None,
+        work_memory: MemoryAccount | None = None,
     ) -> Session:
         """Rebuild a session from the store.
 
-        ``samples_seen``: the epoch's progress count (samples seen, lost ones included);
-        what it exceeds the snapshot by is what the crash lost.
+        ``progress``: the batches the progress log recorded as applied; those of the
+        stored epoch that the snapshot does not cover are what the crash lost.
         """
-        session = cls(stored.name, stored.spec, device, replay, compiled_math=compiled_math)
+        session = cls(
+            stored.name,
+            stored.spec,
+            device,
+            replay,
+            compiled_math=compiled_math,
+            state_memory=state_memory,
+            work_memory=work_memory,
+        )
         session.incarnation = stored.incarnation
         session.created_at, session.updated_at = stored.created_at, stored.updated_at
         session.epoch = stored.epoch
@@ -469,14 +580,24 @@ class Session:
             session.samples_this_epoch, session.correct_this_epoch = statistics.samples, statistics.correct
             session.snapshot_at = statistics.taken_at
             session.samples_lost = statistics.samples_lost
+            session.lost = {bytes.fromhex(digest): samples for digest, samples in statistics.lost.items()}
             session.changes = session.saved_changes = statistics.changes
             for rank, ids in statistics.applied.items():
                 applied = session._applied.setdefault(rank, OrderedDict())
                 for request_id, fingerprint in ids:
                     applied[request_id] = fingerprint
                     session.replay.restore_applied(rank, request_id, fingerprint)
-        if samples_seen is not None:
-            session.samples_lost = max(session.samples_lost, samples_seen - session.samples_this_epoch)
+        covered = statistics.changes if statistics is not None else 0
+        records = {record.changes: record for record in progress if record.epoch == session.epoch}
+        lost = [record for record in records.values() if record.changes > covered]  # a record written twice: once
+        for record in lost:
+            if record.digest == NO_DIGEST:  # no id: cannot be resent, so lost for good
+                session.samples_lost += record.samples
+            elif record.digest not in session.lost:  # a batch re-applied and lost again is lost once
+                session.lost[record.digest] = record.samples
+                session.samples_lost += record.samples
+        # Later changes must not reuse the numbers of the records still in the log.
+        session.changes = session.saved_changes = max([session.changes, *records])
         if session.epoch > 0:
             # A rank whose next_epoch answer was lost in the crash repeats the call: answer it
             # as the epoch's end was answered (the new epoch, before any of its batches).
@@ -535,6 +656,7 @@ class Session:
             self.correct_this_epoch = correct
             self.updated_at = time.time()
             self.samples_lost = 0
+            self.lost.clear()
             self._applied.clear()
             self.changes = new.changes
 
@@ -542,10 +664,12 @@ class Session:
 def check_state(spec: SessionSpec, state: StateSnapshot) -> None:
     """InvalidArgumentError naming the field of a state that does not fit the spec."""
     c = spec.n_classes if spec.kind == "online_label_smoothing" else 0
-    if state.epoch < 0:
-        raise InvalidArgumentError(f"state.epoch: expected >= 0 but got {state.epoch}")
-    if state.samples_this_epoch < 0:
-        raise InvalidArgumentError(f"state.samples_this_epoch: expected >= 0 but got {state.samples_this_epoch}")
+    if not 0 <= state.epoch <= MAX_EPOCH:
+        raise InvalidArgumentError(f"state.epoch: expected >= 0 and at most {MAX_EPOCH} but got {state.epoch}")
+    if not 0 <= state.samples_this_epoch <= MAX_COUNT:
+        raise InvalidArgumentError(
+            f"state.samples_this_epoch: expected >= 0 and at most {MAX_COUNT} but got {state.samples_this_epoch}"
+        )
     for field, tensor, shape in (
         ("supervise", state.soft_labels, (c, c)),
         ("accumulator", state.accumulator, (c, c)),
@@ -556,12 +680,26 @@ def check_state(spec: SessionSpec, state: StateSnapshot) -> None:
     for field, tensor in (("supervise", state.soft_labels), ("accumulator", state.accumulator)):
         if not tensor.is_floating_point():
             raise InvalidArgumentError(f"state.{field}: expected a floating point tensor but got {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise InvalidArgumentError(f"state.{field}: contains NaN or infinity")
+        if not finite_in_float32(tensor):
+            raise InvalidArgumentError(
+                f"state.{field}: contains NaN, infinity or a value beyond float32's range (S is float32)"
+            )
+    if state.accumulator.numel():
+        low, high = torch.aminmax(state.accumulator)
+        if float(low) < 0 or float(high) > MAX_COUNT:
+            raise InvalidArgumentError(
+                f"state.accumulator: entries are sums of probabilities, expected 0 <= entry <= {MAX_COUNT} "
+                f"but got {float(low) if float(low) < 0 else float(high):.6g}"
+            )
     if state.counts.is_floating_point() or state.counts.dtype == torch.bool:
         raise InvalidArgumentError(f"state.counts: expected int64 or int32 but got {state.counts.dtype}")
-    if bool((state.counts < 0).any()):
-        raise InvalidArgumentError("state.counts: negative count")
+    if state.counts.numel():
+        low, high = torch.aminmax(state.counts)
+        if int(low) < 0:
+            raise InvalidArgumentError("state.counts: negative count")
+        total = sum(state.counts.tolist())  # in Python ints: an int64 sum could wrap around
+        if int(high) > MAX_COUNT or total > MAX_COUNT:
+            raise InvalidArgumentError(f"state.counts: expected a sum of at most {MAX_COUNT} but got {total}")
 
 
 # Each row sums counts[j] softmax vectors, so it sums to counts[j] up to float32 rounding of the probabilities.
@@ -599,8 +737,8 @@ def check_upload(spec: SessionSpec, upload: Upload) -> None:
                 f"rows: row {j} (class {int(classes[j])}) sums to {float(sums[j]):.6g} but counts[{j}] is "
                 f"{int(counts[j])}; each row must be the sum of counts[j] probability vectors"
             )
-    if upload.samples < 0:
-        raise InvalidArgumentError(f"samples: expected >= 0 but got {upload.samples}")
+    if not 0 <= upload.samples <= MAX_COUNT:
+        raise InvalidArgumentError(f"samples: expected >= 0 and at most {MAX_COUNT} but got {upload.samples}")
     total = sum(counts.tolist()) if k else 0  # in Python ints: an int64 sum could wrap around
     if upload.correct < 0:
         raise InvalidArgumentError(f"correct: expected >= 0 but got {upload.correct}")

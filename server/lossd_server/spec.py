@@ -12,8 +12,23 @@ from lossd._exceptions import InvalidArgumentError
 from lossd._spec import CONVENTIONS, EMPTY_CLASS_POLICIES, INITS, KINDS, REDUCTIONS, SessionSpec
 from lossd.v1 import loss_service_pb2 as pb
 
+# Counts and sample totals that arrive from a client are at most this: exact in float64, and far enough
+# from int64's 2^63 that no later sum of them can overflow.
+MAX_COUNT = 1 << 53
+MAX_EPOCH = 1 << 53
 MAX_CLASSES = 1 << 24  # beyond this even a single row of logits is unreasonable
 MAX_WORLD_SIZE = 1 << 16
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def finite_in_float32(tensor: torch.Tensor) -> bool:
+    """Finite, and still finite once cast to float32 (1e300 is finite in float64 only)."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor.detach().reshape(-1))
+    return -FLOAT32_MAX <= float(low) and float(high) <= FLOAT32_MAX  # NaN fails both comparisons
 
 
 def _check_enum(table: dict[str, int], field: str, value: int) -> None:
@@ -30,8 +45,10 @@ def _check_weight(message: pb.SessionSpec, n_classes: int) -> None:
         raise InvalidArgumentError(f"spec.weight: expected a floating point tensor but got {weight.dtype}")
     if tuple(weight.shape) != (n_classes,):
         raise InvalidArgumentError(f"spec.weight: expected shape [{n_classes}] but got {list(weight.shape)}")
-    if not bool(torch.isfinite(weight).all()):
-        raise InvalidArgumentError("spec.weight: contains NaN or infinity")
+    if not finite_in_float32(weight):
+        raise InvalidArgumentError(
+            "spec.weight: contains NaN, infinity or a value beyond float32's range (the loss math may run in float32)"
+        )
 
 
 def canonical_spec(message: pb.SessionSpec) -> SessionSpec:

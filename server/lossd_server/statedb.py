@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,8 @@ class Statistics:
     applied: dict[int, list[tuple[str, str]]]
     taken_at: float
     changes: int
+    # Batches a crash lost that a resend may still re-apply: hex request digest -> samples.
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 from typing import Protocol
 
 import torch
 
-from lossd._exceptions import AlreadyExistsError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from lossd._exceptions import AlreadyExistsError, NotFoundError, ResourceExhaustedError
 from lossd._spec import SessionSpec
+from lossd_server.identifiers import check_session_name
+from lossd_server.memory import MemoryAccount, Reservation, Unlimited
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Session, SessionView, state_bytes
+from lossd_server.session import Progress, Session, SessionView, epoch_end_bytes, snapshot_bytes, state_bytes
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,255}")
-
-
-def check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise InvalidArgumentError(
-            f"name: expected 1-256 letters, digits and ._:/@+=- starting with a letter or digit, got {name!r}"
-        )
+check_name = check_session_name  # the stores' name, kept for the callers that import it from here
 
 
 def spec_diff(existing: SessionSpec, requested: SessionSpec) -> str:
@@ -42,25 +36,34 @@ def reuse(existing: Session, spec: SessionSpec) -> Session:
     return existing
 
 
-def check_capacity(
+def admit(
     name: str,
     spec: SessionSpec,
     *,
     sessions: int,
     max_sessions: int,
-    used_bytes: int,
-    budget_bytes: int,
+    memory: MemoryAccount,
+    work_memory: MemoryAccount,
     hint: str = "",
-) -> None:
-    """RESOURCE_EXHAUSTED, with the numbers, when one more session does not fit."""
+) -> Reservation:
+    """The session's reservation of its state; RESOURCE_EXHAUSTED, with the numbers, when it does not fit."""
     if sessions >= max_sessions:
         raise ResourceExhaustedError(f"too many sessions: {sessions} of max_sessions={max_sessions} are in use")
+    # Its epoch end and its snapshots need transient room that only the request budget can give.
+    transient = max(epoch_end_bytes(spec), snapshot_bytes(spec))
+    if transient > work_memory.limit:
+        raise ResourceExhaustedError(
+            f"session {name!r} (n_classes={spec.n_classes}) needs {transient} bytes of working memory to finish "
+            f"an epoch or snapshot its statistics, more than {work_memory.setting}={work_memory.limit}"
+        )
     needed = state_bytes(spec)
-    if used_bytes + needed > budget_bytes:
+    reservation = memory.try_reserve(needed)
+    if reservation is None:
         raise ResourceExhaustedError(
             f"session {name!r} needs {needed} bytes of matrices (n_classes={spec.n_classes}); "
-            f"{used_bytes} of matrix_memory_bytes={budget_bytes} are in use{hint}"
+            f"{memory.used} of {memory.setting}={memory.limit} are in use{hint}"
         )
+    return reservation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +93,8 @@ class SessionStore(Protocol):
     def delete(self, owner: str, name: str) -> Session | None:
         """Remove the session; return it if it was in memory (its barrier waiters must be told)."""
 
-    def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
-        """After each training batch: how many samples the epoch has seen, so a crash can report its loss."""
+    def record_progress(self, owner: str, session: Session, progress: Progress | None) -> None:
+        """After each applied training batch (best effort, never raises): so a crash can report what it lost."""
 
     def soft_label_history(self, owner: str, name: str) -> SoftLabelHistory:
         """(epoch, class-major S) for every epoch whose S is kept, ascending; the last is the current one."""
@@ -115,12 +118,14 @@ class MemoryStore:
         matrix_memory_bytes: int,
         replay: ReplayLimits | None = None,
         compiled_math: bool = False,
+        work_memory: MemoryAccount | None = None,
     ) -> None:
         self._device = device
         self._compiled_math = compiled_math
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
-        self._matrix_memory_bytes = matrix_memory_bytes
+        self.memory = MemoryAccount("state", matrix_memory_bytes, "matrix_memory_bytes")
+        self._work_memory = work_memory or Unlimited()
         self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()
 
@@ -133,19 +138,33 @@ class MemoryStore:
             existing = self._sessions.get((owner, name))
             if existing is not None:
                 return reuse(existing, spec), False
-            check_capacity(
+            reservation = admit(
                 name,
                 spec,
                 sessions=len(self._sessions),
                 max_sessions=self._max_sessions,
-                used_bytes=self._used_bytes(),
-                budget_bytes=self._matrix_memory_bytes,
+                memory=self.memory,
+                work_memory=self._work_memory,
             )
-            session = Session(name, spec, self._device, self._replay, compiled_math=self._compiled_math)
+            try:
+                session = Session(
+                    name,
+                    spec,
+                    self._device,
+                    self._replay,
+                    compiled_math=self._compiled_math,
+                    state_memory=self.memory,
+                    work_memory=self._work_memory,
+                )
+            except BaseException:
+                reservation.release()
+                raise
+            session.memory = reservation
             self._sessions[owner, name] = session
             return session, True
 
     def get(self, owner: str, name: str) -> Session:
+        check_name(name)
         with self._lock:
             session = self._sessions.get((owner, name))
         if session is None:
@@ -165,13 +184,15 @@ class MemoryStore:
         return [session.view() for session in sorted(mine, key=lambda session: session.name)]
 
     def delete(self, owner: str, name: str) -> Session:
+        check_name(name)
         with self._lock:
             session = self._sessions.pop((owner, name), None)
         if session is None:
             raise NotFoundError(f"session {name!r} not found")
+        session.release_memory()
         return session
 
-    def record_progress(self, owner: str, session: Session, epoch: int, samples: int) -> None:
+    def record_progress(self, owner: str, session: Session, progress: Progress | None) -> None:
         """Nothing survives a restart here, so there is nothing to report."""
 
     def close(self) -> None:

@@ -1,0 +1,136 @@
+"""Admission control: a call reserves the memory it will hold before it holds it.
+
+gRPC receives a whole message before a handler sees it, so refusing inside the
+handler comes too late: N concurrent large requests would already be resident.
+Unary calls are therefore admitted when they start. The interceptor serves each
+unary method as a client-streaming one (the wire format is the same), reserves
+the largest admissible message against ``--request-memory-bytes`` *before*
+reading it, and, once the message is in, resizes the reservation to what that
+call needs. With ``grpc.http2.bdp_probe`` off, a call that has not been read yet
+holds no more than gRPC's 64 KiB stream window.
+
+A LossStream stays open between a trainer's steps, so a read waiting on it
+cannot hold a reservation (idle trainers would starve busy ones, or deadlock a
+collective). Its messages are admitted one by one once read, before any math
+(LossServicer.LossStream): only the received bytes themselves, at most one
+message per stream, are outside the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from lossd._exceptions import LossdError
+from lossd.v1 import loss_service_pb2 as pb
+from lossd_server.memory import MemoryAccount, Reservation, reserve_async
+
+# Per element of the logits, at the peak of a loss request: the float32 (float64 for float64) math holds
+# the upcast logits, exponentials, probabilities and gradient, and the answer holds the gradient twice
+# more in the wire dtype (the tensor, then its bytes); the message itself is held twice (parsed, decoded).
+_MATH_COPIES = 4
+_WIRE_COPIES = 3
+_MESSAGE_COPIES = 2
+_ITEMSIZE = {pb.DTYPE_FLOAT64: 8, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+# Every other request: the message, its decoded tensors, and the copies the server keeps of them.
+_OTHER_COPIES = 4
+_OVERHEAD = 64 << 10  # a call's fixed cost: protobuf objects, Python frames, small tensors
+
+
+def loss_footprint(request: pb.LossRequest) -> int:
+    """The bytes a LossRequest holds at its peak, from its size and dtype (never from its claimed shape alone)."""
+    message = request.ByteSize()
+    itemsize = _ITEMSIZE.get(request.logits.dtype, 4)
+    shared = max(0, request.logits.shared.nbytes) if request.logits.HasField("shared") else 0
+    # ByteSize, not len(data): reading a bytes field copies it out of protobuf's arena.
+    logits_bytes = shared or request.logits.ByteSize()
+    elements = logits_bytes // itemsize
+    compute = 8 if itemsize == 8 else 4
+    return (
+        _OVERHEAD
+        + _MESSAGE_COPIES * (message + shared)
+        + elements * (_MATH_COPIES * compute + _WIRE_COPIES * itemsize)
+    )
+
+
+def footprint(request: Any) -> int:
+    if isinstance(request, pb.LossRequest):
+        return loss_footprint(request)
+    return _OVERHEAD + _OTHER_COPIES * int(request.ByteSize())
+
+
+def loss_footprint_factor() -> float:
+    """What a float32 loss request of W bytes holds, in W (the settings size max_message_bytes from it)."""
+    return _MESSAGE_COPIES + (_MATH_COPIES * 4 + _WIRE_COPIES * 4) / 4
+
+
+class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Reserves each LossService unary call's memory before its request is read. Must come first."""
+
+    def __init__(self, account: MemoryAccount, max_message_bytes: int, prefix: str, wait: float) -> None:
+        self._account = account
+        self._max_message = max_message_bytes
+        self._prefix = prefix
+        self._wait = wait
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(self._prefix):
+            return handler
+        return grpc.stream_unary_rpc_method_handler(
+            self._admitted(handler.unary_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _admitted(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+        account, limit, wait = self._account, self._max_message, self._wait
+        rpc = method.rsplit("/", 1)[-1]
+
+        async def admitted(request_iterator: Any, context: aio.ServicerContext) -> Any:
+            reservation: Reservation | None = None
+            try:
+                reservation = await reserve_async(
+                    account, limit + _OVERHEAD, f"a {rpc} call", wait=_wait_for(context, wait)
+                )
+                request = None
+                async for message in request_iterator:
+                    request = message
+                    break
+                if request is None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: no request message")
+                needed = footprint(request)
+                if needed <= reservation.nbytes:
+                    reservation.shrink(needed)
+                else:
+                    reservation.absorb(
+                        await reserve_async(account, needed - reservation.nbytes, f"a {rpc} call", wait=wait)
+                    )
+            except LossdError as error:
+                if reservation is not None:
+                    reservation.release()
+                await context.abort(error.code, error.message)
+            try:
+                return await behavior(request, context)
+            finally:
+                if reservation is not None:
+                    reservation.release()
+
+        return admitted
+
+
+def _wait_for(context: aio.ServicerContext, wait: float) -> float:
+    """The admission wait, cut short by the call's own deadline."""
+    remaining = context.time_remaining()
+    return wait if remaining is None else max(0.0, min(wait, remaining - 0.05))
+
+
+__all__ = ["AdmissionInterceptor", "footprint", "loss_footprint", "loss_footprint_factor"]
