@@ -380,8 +380,8 @@ class Session:
             applied[request[0]] = request[1]
             while len(applied) > self._replay_limits.ids:
                 applied.popitem(last=False)
+            digest = request_digest(rank, request[0])
             if self.lost:  # after a crash: a resend of a lost batch is counted now, so it is no longer lost
-                digest = request_digest(rank, request[0])
                 self.samples_lost -= self.lost.pop(digest, 0)
         return Progress(self.epoch, self.changes, samples, digest)
 

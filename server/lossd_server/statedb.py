@@ -109,6 +109,22 @@ def _tensor(blob: bytes, dtype: np.dtype[np.generic], shape: tuple[int, ...]) ->
     return torch.from_numpy(np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape).copy())
 
 
+def _applied_json(statistics: Statistics) -> str:
+    """The ``applied`` column: {rank: [[request_id, fingerprint], ...]}, and under "lost" the batches a
+    crash lost that a resend may still re-apply ({hex digest: samples}; absent when none)."""
+    document: dict[str, object] = {str(rank): ids for rank, ids in statistics.applied.items()}
+    if statistics.lost:
+        document["lost"] = statistics.lost
+    return json.dumps(document)
+
+
+def _parse_applied(text: str) -> tuple[dict[int, list[tuple[str, str]]], dict[str, int]]:
+    document = json.loads(text)
+    lost = {str(digest): int(samples) for digest, samples in document.pop("lost", {}).items()}
+    applied = {int(rank): [(str(i), str(f)) for i, f in ids] for rank, ids in document.items()}
+    return applied, lost
+
+
 def _spec(blob: bytes) -> SessionSpec:
     message = pb.SessionSpec()
     message.ParseFromString(blob)
@@ -289,7 +305,7 @@ class StateDB:
                 statistics.samples,
                 statistics.correct,
                 statistics.samples_lost,
-                json.dumps({str(rank): ids for rank, ids in statistics.applied.items()}),
+                _applied_json(statistics),
                 statistics.taken_at,
                 statistics.changes,
             ),
@@ -344,7 +360,7 @@ class StateDB:
             ).fetchone()
         statistics = None
         if snap is not None and snap[0] == epoch:
-            applied = {int(rank): [(str(i), str(f)) for i, f in ids] for rank, ids in json.loads(snap[6]).items()}
+            applied, lost = _parse_applied(snap[6])
             statistics = Statistics(
                 epoch=epoch,
                 accumulator=None if snap[1] is None else _tensor(snap[1], np.dtype(np.float64), (c, c)),
@@ -355,6 +371,7 @@ class StateDB:
                 applied=applied,
                 taken_at=float(snap[7]),
                 changes=int(snap[8]),
+                lost=lost,
             )
         return StoredSession(owner, name, str(row[4]), spec, epoch, float(row[2]), float(row[3]), supervise, statistics)
 
