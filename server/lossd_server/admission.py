@@ -50,9 +50,7 @@ def loss_footprint(request: pb.LossRequest) -> int:
     elements = logits_bytes // itemsize
     compute = 8 if itemsize == 8 else 4
     return (
-        _OVERHEAD
-        + _MESSAGE_COPIES * (message + shared)
-        + elements * (_MATH_COPIES * compute + _WIRE_COPIES * itemsize)
+        _OVERHEAD + _MESSAGE_COPIES * (message + shared) + elements * (_MATH_COPIES * compute + _WIRE_COPIES * itemsize)
     )
 
 

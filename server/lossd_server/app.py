@@ -17,10 +17,10 @@ from lossd._malloc import tune_malloc
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import __version__
+from lossd_server.admission import AdmissionInterceptor, loss_footprint_factor
 from lossd_server.auth import identify_from, log_exposure, server_credentials
 from lossd_server.config import Settings
 from lossd_server.device import resolve_device
-from lossd_server.admission import AdmissionInterceptor, loss_footprint_factor
 from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
 from lossd_server.memory import MemoryAccount

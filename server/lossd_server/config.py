@@ -50,14 +50,14 @@ class Settings(BaseSettings):
         4 * GiB,
         ge=0,
         description="Budget for what sessions hold between calls: OLS matrices (12 C^2 + 8 C bytes), class "
-        "weights (8 C bytes), kept replay responses and ids, and snapshot staging copies.",
+        "weights (8 C bytes), the replay log (1 MiB a rank with the default replay_ids, and its kept responses).",
     )
     request_memory_bytes: int | None = Field(
         None,
         ge=16 * MiB,
-        description="Budget for calls in flight: received messages and what their math and responses allocate. "
-        "Past it a call waits briefly, then gets RESOURCE_EXHAUSTED. Default: a quarter of the machine's "
-        "(or the container's) memory, at most 4 GiB.",
+        description="Budget for work in flight: received messages, what their math and responses allocate, "
+        "epoch ends and snapshot staging copies. Past it a call waits up to 2 s, then gets RESOURCE_EXHAUSTED. "
+        "Default: a quarter of the machine's (or the container's) memory, at most 4 GiB.",
     )
     replay_ids: int = Field(
         1024, ge=1, description="Training request ids remembered per rank, so a resend is never applied twice."

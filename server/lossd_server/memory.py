@@ -69,9 +69,9 @@ class MemoryAccount:
             deadline = time.monotonic() + wait
             while self._used + nbytes > self.limit:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._condition.wait(remaining):
-                    if self._used + nbytes > self.limit:
-                        raise self._refusal(nbytes, what)
+                if remaining <= 0:
+                    raise self._refusal(nbytes, what)
+                self._condition.wait(remaining)
             self._take(nbytes)
         return Reservation(self, nbytes)
 

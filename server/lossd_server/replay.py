@@ -182,9 +182,7 @@ class ReplayLog(Generic[R]):
                 self._drop(entry)
             return response
 
-    def _outcome(
-        self, entry: _Entry[R], rank: int, request_id: str, recompute: Callable[[], R] | None = None
-    ) -> R:
+    def _outcome(self, entry: _Entry[R], rank: int, request_id: str, recompute: Callable[[], R] | None = None) -> R:
         entry.done.wait()
         response = self._unwait(entry)
         if entry.error is not None:

@@ -32,7 +32,7 @@ from lossd_server.errors import status_of
 from lossd_server.identifiers import MAX_REQUEST_ID, check_request_id, check_session_name
 from lossd_server.memory import MemoryAccount, Reservation, Unlimited, reserve_async
 from lossd_server.replay import Commit
-from lossd_server.session import Session, SessionView, StateSnapshot, Upload, check_upload
+from lossd_server.session import Progress, Session, SessionView, StateSnapshot, Upload, check_upload
 from lossd_server.spec import canonical_spec
 from lossd_server.store import SessionStore
 
@@ -305,9 +305,9 @@ class LossServicer(pb_grpc.LossServiceServicer):
         grad, response.grad_exponent = _codec.scale_gradient(output.grad, batch.logits.dtype)
         return _Answer(response, grad.to("cpu").contiguous())
 
-    def _applied(self, owner: str, session: Session, progress: object, samples: int) -> None:
+    def _applied(self, owner: str, session: Session, progress: Progress | None, samples: int) -> None:
         """After a batch was applied: the progress log and the metrics, best effort (it is applied either way)."""
-        self._store.record_progress(owner, session, progress)  # type: ignore[arg-type]
+        self._store.record_progress(owner, session, progress)
         try:
             self._on_training_samples(samples)
         except Exception:

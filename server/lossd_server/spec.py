@@ -28,7 +28,7 @@ def finite_in_float32(tensor: torch.Tensor) -> bool:
     if not tensor.numel():
         return True
     low, high = torch.aminmax(tensor.detach().reshape(-1))
-    return -FLOAT32_MAX <= float(low) and float(high) <= FLOAT32_MAX  # NaN fails both comparisons
+    return float(low) >= -FLOAT32_MAX and float(high) <= FLOAT32_MAX  # NaN fails both comparisons
 
 
 def _check_enum(table: dict[str, int], field: str, value: int) -> None:
