@@ -70,6 +70,16 @@ def session_name() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture()
+def servers() -> Iterator[list[Any]]:
+    """`lossd serve` child processes a test starts (tests.test_durability.start); killed at its end."""
+    started: list[Any] = []
+    yield started
+    for served in started:
+        if served.process.poll() is None:
+            served.kill()
+
+
 @dataclass
 class ComputeGate:
     """Holds every Session.compute call until :attr:`release` is set; :attr:`entered` counts arrivals."""

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,15 +60,6 @@ class Served:
         assert self.process.stderr is not None
         self.process.stderr.close()
         return code
-
-
-@pytest.fixture()
-def servers(tmp_path: Path) -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for served in started:
-        if served.process.poll() is None:
-            served.kill()
 
 
 def start(servers: list[Served], state_dir: Path, *flags: str) -> Served:

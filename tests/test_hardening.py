@@ -161,7 +161,16 @@ def _with(value: float | int, dtype: torch.dtype, shape: tuple[int, ...]) -> tor
         {"accumulator": _with(1e300, torch.float64, (C, C))},
         {"accumulator": _with(-1.0, torch.float64, (C, C))},
     ],
-    ids=["samples-2^63", "samples-2^53+1", "epoch-2^63", "count-2^62", "counts-sum-2^63", "S-1e300", "acc-1e300", "acc<0"],
+    ids=[
+        "samples-2^63",
+        "samples-2^53+1",
+        "epoch-2^63",
+        "count-2^62",
+        "counts-sum-2^63",
+        "S-1e300",
+        "acc-1e300",
+        "acc<0",
+    ],
 )
 def test_load_state_past_the_bounds_is_invalid_argument_and_the_tenant_keeps_working(
     client: lossd.Client, stub: pb_grpc.LossServiceStub, session_name: str, case: dict[str, Any]
@@ -408,12 +417,3 @@ def test_samples_lost_after_kill_9_counts_only_batches_not_resent(servers: list[
         assert (info.samples_this_epoch, info.samples_lost) == (2 * N, 3 * N)
         client.compute_loss("run", *batch(2), epoch=0, request_id="b2")
         assert client.get_session("run").samples_lost == 2 * N
-
-
-@pytest.fixture()
-def servers(tmp_path: Path) -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for served in started:
-        if served.process.poll() is None:
-            served.kill()
