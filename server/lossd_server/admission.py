@@ -26,6 +26,7 @@ from grpc import aio
 
 from lossd._exceptions import LossdError
 from lossd.v1 import loss_service_pb2 as pb
+from lossd_server.errors import capped
 from lossd_server.memory import MemoryAccount, Reservation, reserve_async
 
 # Per element of the logits, at the peak of a loss request: the float32 (float64 for float64) math holds
@@ -96,27 +97,25 @@ class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         async def admitted(request_iterator: Any, context: aio.ServicerContext) -> Any:
             reservation: Reservation | None = None
             try:
-                reservation = await reserve_async(
-                    account, limit + _OVERHEAD, f"a {rpc} call", wait=_wait_for(context, wait)
-                )
-                request = None
-                async for message in request_iterator:
-                    request = message
-                    break
+                try:
+                    reservation = await reserve_async(
+                        account, limit + _OVERHEAD, f"a {rpc} call", wait=_wait_for(context, wait)
+                    )
+                    request = None
+                    async for message in request_iterator:
+                        request = message
+                        break
+                    if request is not None:
+                        needed = footprint(request)
+                        if needed <= reservation.nbytes:
+                            reservation.shrink(needed)
+                        else:
+                            extra = needed - reservation.nbytes
+                            reservation.absorb(await reserve_async(account, extra, f"a {rpc} call", wait=wait))
+                except LossdError as error:
+                    await context.abort(error.code, capped(error.message))
                 if request is None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: no request message")
-                needed = footprint(request)
-                if needed <= reservation.nbytes:
-                    reservation.shrink(needed)
-                else:
-                    reservation.absorb(
-                        await reserve_async(account, needed - reservation.nbytes, f"a {rpc} call", wait=wait)
-                    )
-            except LossdError as error:
-                if reservation is not None:
-                    reservation.release()
-                await context.abort(error.code, error.message)
-            try:
                 return await behavior(request, context)
             finally:
                 if reservation is not None:

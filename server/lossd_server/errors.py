@@ -15,10 +15,22 @@ from lossd._exceptions import LossdError
 log = logging.getLogger("lossd_server")
 
 
+# Status messages travel in HTTP/2 trailers; past gRPC's metadata limit (8 KiB soft) the client would
+# see RESOURCE_EXHAUSTED instead of the status. Client strings are quoted short (identifiers.quoted);
+# this caps whatever else a message holds.
+MAX_STATUS_MESSAGE = 4096
+
+
+def capped(message: str) -> str:
+    if len(message) <= MAX_STATUS_MESSAGE:
+        return message
+    return message[: MAX_STATUS_MESSAGE - 40] + f"... ({len(message)} characters in all)"
+
+
 def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """Domain errors keep their code; anything else is INTERNAL and logged with its traceback."""
     if isinstance(error, LossdError):
-        return error.code, error.message
+        return error.code, capped(error.message)
     log.error("unexpected error in %s", method, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}; see the server log"
 
