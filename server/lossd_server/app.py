@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
 from lossd_server.memory import MemoryAccount
 from lossd_server.metrics import ServerMetrics
+from lossd_server.permissions import warn_if_state_dir_writable, warn_if_token_file_readable
 from lossd_server.servicer import LossServicer
 from lossd_server.store import SessionStore
 
@@ -49,6 +52,32 @@ def request_memory(settings: Settings) -> MemoryAccount:
             "raise --request-memory-bytes or lower --max-message-bytes"
         )
     return MemoryAccount("request", budget, "request_memory_bytes")
+
+
+def _refuse_busy_port(host: str, port: int) -> None:
+    """Fail with one clear line when something already listens on ``host:port``.
+
+    gRPC's own failure is a RuntimeError that only says "Failed to bind", after a
+    C-core log line; probing first names the cause. The probe sets SO_REUSEADDR as
+    gRPC does (so TIME_WAIT connections do not count) but not SO_REUSEPORT, so a
+    server that shares its port is found too. Only EADDRINUSE is decided here;
+    anything else is left to gRPC.
+    """
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                # One argument, so str() is the message alone ("[Errno 98]" would prefix it otherwise).
+                raise OSError(
+                    f"could not bind {host}:{port}: the port is in use (is another lossd server running?)"
+                ) from None
 
 
 @dataclass
@@ -79,16 +108,27 @@ class Running:
         # A short grace lets the last responses flush before the idle streams are cancelled.
         await self.server.stop(min(grace, FLUSH_SECONDS))
         self.executor.shutdown(wait=True, cancel_futures=True)
-        if self.store is not None:
-            self.store.close()  # after the last call, so every statistic is in the final snapshot
-        if self.metrics is not None:
-            self.metrics.stop()
+        try:
+            if self.store is not None:
+                # After the last call, so every statistic is in the final snapshot. Raises OSError
+                # naming the sessions whose statistics could not be saved: the caller must not
+                # report a clean stop.
+                self.store.close()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
 
 
 async def start(settings: Settings) -> Running:
     # A bad token file or TLS setting fails here, before anything is started.
     identify = identify_from(settings)
     credentials = server_credentials(settings)
+    if settings.token_file is not None:
+        warn_if_token_file_readable(settings.token_file)
+    if settings.store != "memory":
+        warn_if_state_dir_writable(settings.resolved_state_dir)  # before open_store creates a missing one 0700
+    if settings.port != 0:
+        _refuse_busy_port(settings.bind_host, settings.port)  # before the store is opened and checked
     device = resolve_device(settings.device)
     limit = settings.resolved_max_message_bytes
     work_memory = request_memory(settings)
@@ -113,6 +153,9 @@ async def start(settings: Settings) -> Running:
             # Without BDP probing a stream's window stays at 64 KiB until its message is read, so an
             # unread request costs no memory before admission.
             ("grpc.http2.bdp_probe", 0),
+            # gRPC sets SO_REUSEPORT by default, so a second server on a busy port would start and the
+            # kernel would split connections (and sessions) between the two; bind exclusively instead.
+            ("grpc.so_reuseport", 0),
         ],
     )
     servicer = LossServicer(
@@ -135,11 +178,17 @@ async def start(settings: Settings) -> Running:
     )
     host = settings.bind_host
     address = f"{host}:{settings.port}"
-    # With TLS there is no plaintext port at all, so a plaintext client is refused.
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     try:
+        # With TLS there is no plaintext port at all, so a plaintext client is refused.
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0  # grpcio raises where older versions returned 0; either way gRPC logged why
         if port == 0:
-            raise OSError(f"could not bind {host}:{settings.port}")
+            raise OSError(f"could not bind {host}:{settings.port} (the port may be in use, or the address not local)")
         if metrics is not None and settings.metrics_port is not None:
             metrics.serve(host, settings.metrics_port)  # before server.start(), so a busy port starts nothing
     except BaseException:
@@ -175,11 +224,14 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     if settings.tune_malloc and not tune_malloc():
         log.warning("could not set malloc thresholds (not glibc?); large requests may be slower")
-    running = await start(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGTERM before start(): a supervisor may send it as soon as it reads "serving on", and without a
+    # handler then the process would die at once, skipping the drain and the final save. SIGINT after,
+    # so Ctrl-C still aborts a slow start at once.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    running = await start(settings)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     await stop.wait()
     log.info(
         "stopping: draining calls in flight for up to %.1f s",

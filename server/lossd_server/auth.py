@@ -13,6 +13,8 @@ import hmac
 import ipaddress
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,9 @@ MIN_TOKEN_LENGTH = 16
 # Tokens travel as gRPC metadata, which must be printable ASCII; no spaces, so lines split cleanly.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
+# At most one "unknown bearer token" WARNING this often: a misconfigured trainer or a scanner retrying
+# in a loop would otherwise fill the log (and the disk) with one line per call.
+REFUSAL_LOG_SECONDS = 10.0
 
 
 def anonymous(context: aio.ServicerContext) -> str:
@@ -105,11 +110,48 @@ def load_tokens(path: Path) -> list[Tenant]:
     return tenants
 
 
+class _RefusalLog:
+    """Logs refused calls at most once per ``interval`` seconds, counting the ones it left out.
+
+    A count left over when refusals stop is never logged; the next refusal reports it.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()  # calls are identified on the servicer's worker threads
+        self._last: float | None = None  # when the last line was logged, on ``clock``
+        self._suppressed = 0
+
+    def refused(self, peer: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._last is not None and now - self._last < self._interval:
+                self._suppressed += 1
+                return
+            suppressed, since = self._suppressed, self._last
+            self._last, self._suppressed = now, 0
+        # Logged outside the lock, so a slow handler never holds other calls up.
+        if since is None or not suppressed:
+            log.warning("refused a call with an unknown bearer token from %s", peer, extra={"peer": peer})
+        else:
+            log.warning(
+                "refused %d calls with an unknown bearer token in the last %.0f s (the latest from %s); "
+                "at most one such line is logged every %g s",
+                suppressed + 1,
+                now - since,
+                peer,
+                self._interval,
+                extra={"peer": peer, "refused_calls": suppressed + 1},
+            )
+
+
 class BearerAuth:
     """Identify: the tenant whose token the call's ``authorization: Bearer`` metadata carries."""
 
     def __init__(self, tenants: list[Tenant]) -> None:
         self._tenants = tuple(tenants)
+        self._refusals = _RefusalLog(REFUSAL_LOG_SECONDS)
 
     @property
     def tenants(self) -> int:
@@ -141,8 +183,7 @@ class BearerAuth:
             if hmac.compare_digest(tenant.digest, presented):
                 owner = tenant.owner
         if owner is None:
-            peer = context.peer() if context is not None else "?"
-            log.warning("refused a call with an unknown bearer token from %s", peer)
+            self._refusals.refused(context.peer() if context is not None else "?")
             raise UnauthenticatedError("unknown bearer token")
         return owner
 

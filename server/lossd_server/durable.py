@@ -387,7 +387,11 @@ class DurableStore:
             self._evict_idle()
 
     def close(self) -> None:
-        """Retire every session with its statistics saved, then release the directory. Idempotent."""
+        """Retire every session with its statistics saved, then release the directory. Idempotent.
+
+        Raises OSError naming the sessions whose final statistics could not be saved, after the
+        directory is released all the same: a shutdown that lost work must not look clean.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -403,9 +407,16 @@ class DurableStore:
         ]
         if failed:
             log.error("statistics of sessions %s could not be saved at shutdown", failed, extra={"sessions": failed})
-        self._db.close()
-        self._progress.close()
-        os.close(self._lock_fd)
+        try:
+            self._db.close()
+            self._progress.close()
+        finally:
+            os.close(self._lock_fd)
+        if failed:
+            raise OSError(
+                f"statistics of sessions {failed} could not be saved at shutdown; "
+                "on restart they resume from their last saved snapshot"
+            )
 
 
 def open_store(settings: Settings, device: torch.device, work_memory: MemoryAccount | None = None) -> SessionStore:

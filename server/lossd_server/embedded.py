@@ -47,10 +47,16 @@ class EmbeddedServer:
         return self
 
     def stop(self, grace: float | None = None) -> None:
-        if self._running is not None:
-            running, self._running = self._running, None
-            wait = self.settings.grace_seconds if grace is None else grace
-            asyncio.run_coroutine_threadsafe(running.stop(wait), self._loop).result()
+        """Stop the server and its thread; raises OSError (after both stopped) if sessions could not be saved."""
+        try:
+            if self._running is not None:
+                running, self._running = self._running, None
+                wait = self.settings.grace_seconds if grace is None else grace
+                asyncio.run_coroutine_threadsafe(running.stop(wait), self._loop).result()
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         if self._thread.is_alive():
             # Let the calls that stop() cancelled unwind inside the loop, rather than
             # being torn down with it (gRPC prints their GeneratorExit otherwise).
