@@ -32,7 +32,7 @@ from lossd_server.config import Settings
 from lossd_server.memory import MemoryAccount, Unlimited
 from lossd_server.progress import ProgressFiles
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Progress, Session, SessionView
+from lossd_server.session import Progress, Session, SessionView, view_of_stored
 from lossd_server.statedb import SessionGone, StateDB, Statistics, StoreFileError
 from lossd_server.store import (
     MemoryStore,
@@ -287,7 +287,7 @@ class DurableStore:
             stored = self._db.summary(*key)  # no matrices read for a session out of memory
             if stored is not None:  # else deleted meanwhile
                 progress = self._progress.read(stored.incarnation)
-                views.append(Session.from_stored(stored, torch.device("cpu"), self._replay, progress).view())
+                views.append(view_of_stored(stored, progress))
         return views
 
     def delete(self, owner: str, name: str) -> Session | None:
@@ -346,6 +346,8 @@ class DurableStore:
         with self._lock:
             sessions = list(self._resident.items())
         for key, session in sessions:
+            if session.changes == session.saved_changes:
+                continue  # before statistics(): it copies the accumulator, and an idle server must copy nothing
             try:
                 statistics, _ = session.statistics()
                 self._save(key, session, statistics)

@@ -97,18 +97,22 @@ class ReplayLog(Generic[R]):
         self._size_of = size_of or (lambda response: 0)
         self._ranks: dict[int, _RankLog[R]] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def _rank_log(self, rank: int) -> _RankLog[R]:
         """Under the lock. A rank's first request reserves its whole id log: RESOURCE_EXHAUSTED if it cannot."""
         log = self._ranks.get(rank)
         if log is None:
-            reservation = self._memory.reserve(self._limits.ids * ID_ENTRY_BYTES, f"the replay log of rank {rank}")
+            # A closed log belongs to a session that left memory: its stragglers reserve nothing.
+            nbytes = 0 if self._closed else self._limits.ids * ID_ENTRY_BYTES
+            reservation = self._memory.reserve(nbytes, f"the replay log of rank {rank}")
             log = self._ranks[rank] = _RankLog(reservation)
         return log
 
     def close(self) -> None:
         """Release every reservation (the session left memory)."""
         with self._lock:
+            self._closed = True
             for log in self._ranks.values():
                 log.memory.release()
                 for entry in log.answered:
@@ -217,7 +221,7 @@ class ReplayLog(Generic[R]):
         applied: bool = False,
     ) -> None:
         # Reserved before the lock: a response that does not fit the budget is not kept.
-        memory = None if response is None else self._memory.try_reserve(self._size_of(response))
+        memory = None if response is None or self._closed else self._memory.try_reserve(self._size_of(response))
         with self._lock:
             log = self._ranks.get(rank)
             if error is not None and applied:

@@ -143,7 +143,10 @@ class Session:
         compiled_math: bool = False,
         state_memory: MemoryAccount | None = None,
         work_memory: MemoryAccount | None = None,
+        initial_state: bool = True,
     ) -> None:
+        """``initial_state=False`` leaves the matrices empty for :meth:`from_stored` to fill, so a
+        session loaded from the store never holds a second, initial set beside the stored one."""
         self.name = name
         # The budgets: what the session holds (its reservation is the store's), and transient work.
         self.memory: Reservation | None = None
@@ -185,8 +188,10 @@ class Session:
         c = spec.n_classes
         if self._ols:
             assert spec.init is not None and spec.convention in ("uniform", "off_target")
-            self._soft_labels = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=device)
-            self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=device)
+            self._soft_labels = torch.empty(0)
+            if initial_state:
+                self._soft_labels = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=device)
+            self._accumulator = torch.zeros((c, c) if initial_state else 0, dtype=torch.float64, device=device)
             self._counts = torch.zeros(c, dtype=torch.int64, device=device)
 
     @property
@@ -566,46 +571,52 @@ class Session:
             compiled_math=compiled_math,
             state_memory=state_memory,
             work_memory=work_memory,
+            initial_state=False,
         )
-        session.incarnation = stored.incarnation
-        session.created_at, session.updated_at = stored.created_at, stored.updated_at
-        session.epoch = stored.epoch
-        if session._ols and stored.supervise is not None:
-            session._soft_labels = stored.supervise.to(device, torch.float32)
+        try:
+            session._restore_stored(stored, progress)
+        except BaseException:
+            session.replay.close()  # the replay log's reservations go with the half-built session
+            raise
+        return session
+
+    def _restore_stored(self, stored: StoredSession, progress: list[Progress]) -> None:
+        spec, device, c = self.spec, self.device, self.spec.n_classes
+        self.incarnation = stored.incarnation
+        self.created_at, self.updated_at = stored.created_at, stored.updated_at
+        self.epoch = stored.epoch
+        if self._ols:
+            assert spec.init is not None and spec.convention in ("uniform", "off_target")
+            if stored.supervise is not None:
+                self._soft_labels = stored.supervise.to(device, torch.float32)
+            else:
+                self._soft_labels = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=device)
         statistics = stored.statistics
+        if self._ols:
+            if statistics is not None and statistics.accumulator is not None and statistics.counts is not None:
+                self._accumulator = statistics.accumulator.to(device, torch.float64)
+                self._counts = statistics.counts.to(device, torch.int64)
+            else:
+                self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=device)
         if statistics is not None:
-            if session._ols and statistics.accumulator is not None and statistics.counts is not None:
-                session._accumulator = statistics.accumulator.to(device, torch.float64)
-                session._counts = statistics.counts.to(device, torch.int64)
-            session.samples_this_epoch, session.correct_this_epoch = statistics.samples, statistics.correct
-            session.snapshot_at = statistics.taken_at
-            session.samples_lost = statistics.samples_lost
-            session.lost = {bytes.fromhex(digest): samples for digest, samples in statistics.lost.items()}
-            session.changes = session.saved_changes = statistics.changes
+            self.samples_this_epoch, self.correct_this_epoch = statistics.samples, statistics.correct
+            self.snapshot_at = statistics.taken_at
+            self.changes = self.saved_changes = statistics.changes
             for rank, ids in statistics.applied.items():
-                applied = session._applied.setdefault(rank, OrderedDict())
+                applied = self._applied.setdefault(rank, OrderedDict())
                 for request_id, fingerprint in ids:
                     applied[request_id] = fingerprint
-                    session.replay.restore_applied(rank, request_id, fingerprint)
-        covered = statistics.changes if statistics is not None else 0
-        records = {record.changes: record for record in progress if record.epoch == session.epoch}
-        lost = [record for record in records.values() if record.changes > covered]  # a record written twice: once
-        for record in lost:
-            if record.digest == NO_DIGEST:  # no id: cannot be resent, so lost for good
-                session.samples_lost += record.samples
-            elif record.digest not in session.lost:  # a batch re-applied and lost again is lost once
-                session.lost[record.digest] = record.samples
-                session.samples_lost += record.samples
+                    self.replay.restore_applied(rank, request_id, fingerprint)
+        self.samples_lost, self.lost, last_change = lost_in_crash(stored, progress)
         # Later changes must not reuse the numbers of the records still in the log.
-        session.changes = session.saved_changes = max([session.changes, *records])
-        if session.epoch > 0:
+        self.changes = self.saved_changes = max(self.changes, last_change)
+        if self.epoch > 0:
             # A rank whose next_epoch answer was lost in the crash repeats the call: answer it
             # as the epoch's end was answered (the new epoch, before any of its batches).
             finished = dataclasses.replace(
-                session._view(), samples_this_epoch=0, correct_this_epoch=0, samples_lost=0, snapshot_at=0.0
+                self._view(), samples_this_epoch=0, correct_this_epoch=0, samples_lost=0, snapshot_at=0.0
             )
-            session._last_finished = _Finished(session.epoch - 1, finished)
-        return session
+            self._last_finished = _Finished(self.epoch - 1, finished)
 
     def snapshot(self) -> StateSnapshot:
         with self._lock:
@@ -659,6 +670,47 @@ class Session:
             self.lost.clear()
             self._applied.clear()
             self.changes = new.changes
+
+
+def lost_in_crash(stored: StoredSession, progress: list[Progress]) -> tuple[int, dict[bytes, int], int]:
+    """(samples_lost, lost batches by request digest, the last change number in the log) of a stored session.
+
+    The snapshot's own figures, plus the batches the progress log recorded after it
+    (see lossd_server.progress): a record written twice counts once, and a batch
+    re-applied and lost again is lost once.
+    """
+    statistics = stored.statistics
+    samples_lost = statistics.samples_lost if statistics is not None else 0
+    lost = {bytes.fromhex(digest): n for digest, n in statistics.lost.items()} if statistics is not None else {}
+    covered = statistics.changes if statistics is not None else 0
+    records = {record.changes: record for record in progress if record.epoch == stored.epoch}
+    for record in records.values():
+        if record.changes <= covered:
+            continue
+        if record.digest == NO_DIGEST:  # no id: it cannot be resent, so it is lost for good
+            samples_lost += record.samples
+        elif record.digest not in lost:
+            lost[record.digest] = record.samples
+            samples_lost += record.samples
+    return samples_lost, lost, max(records, default=0)
+
+
+def view_of_stored(stored: StoredSession, progress: list[Progress]) -> SessionView:
+    """What GetSession reports of a session out of memory, from its summary alone: no matrix is allocated."""
+    statistics = stored.statistics
+    return SessionView(
+        name=stored.name,
+        spec=stored.spec,
+        epoch=stored.epoch,
+        samples_this_epoch=statistics.samples if statistics is not None else 0,
+        correct_this_epoch=statistics.correct if statistics is not None else 0,
+        created_at=stored.created_at,
+        updated_at=stored.updated_at,
+        state_bytes=state_bytes(stored.spec),
+        ranks_finished=(),
+        samples_lost=lost_in_crash(stored, progress)[0],
+        snapshot_at=statistics.taken_at if statistics is not None else 0.0,
+    )
 
 
 def check_state(spec: SessionSpec, state: StateSnapshot) -> None:
