@@ -18,13 +18,14 @@ message per stream, are outside the budget.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from lossd._exceptions import LossdError
+from lossd._exceptions import InvalidArgumentError, LossdError
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server.errors import capped
 from lossd_server.memory import MemoryAccount, Reservation, reserve_async
@@ -37,8 +38,10 @@ _WIRE_COPIES = 3
 _MESSAGE_COPIES = 2
 _ITEMSIZE = {pb.DTYPE_FLOAT64: 8, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 # Every other request: the message, its decoded tensors, and the copies the server keeps of them.
-_OTHER_COPIES = 4
+_OTHER_COPIES = 5
 _OVERHEAD = 64 << 10  # a call's fixed cost: protobuf objects, Python frames, small tensors
+# A unary call's message comes with the call; one that does not, within this, gives back its reservation.
+READ_TIMEOUT_SECONDS = 30.0
 
 
 def loss_footprint(request: pb.LossRequest) -> int:
@@ -62,8 +65,9 @@ def footprint(request: Any) -> int:
 
 
 def loss_footprint_factor() -> float:
-    """What a float32 loss request of W bytes holds, in W (the settings size max_message_bytes from it)."""
-    return _MESSAGE_COPIES + (_MATH_COPIES * 4 + _WIRE_COPIES * 4) / 4
+    """What a loss request of W bytes holds at most, in W: float16 and bfloat16 logits, whose math runs
+    in float32 (13x; float32 and float64 hold 9x). The settings size max_message_bytes from it."""
+    return max(_MESSAGE_COPIES + (_MATH_COPIES * max(4, size) + _WIRE_COPIES * size) / size for size in (2, 4, 8))
 
 
 class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
@@ -101,27 +105,48 @@ class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                     reservation = await reserve_async(
                         account, limit + _OVERHEAD, f"a {rpc} call", wait=_wait_for(context, wait)
                     )
-                    request = None
-                    async for message in request_iterator:
-                        request = message
-                        break
-                    if request is not None:
-                        needed = footprint(request)
-                        if needed <= reservation.nbytes:
-                            reservation.shrink(needed)
-                        else:
-                            extra = needed - reservation.nbytes
-                            reservation.absorb(await reserve_async(account, extra, f"a {rpc} call", wait=wait))
+                    request = await asyncio.wait_for(_only_message(request_iterator, rpc), READ_TIMEOUT_SECONDS)
+                    needed = footprint(request)
+                    if needed <= reservation.nbytes:
+                        reservation.shrink(needed)
+                    else:
+                        # Released before waiting for more, so calls that each fit never starve one another.
+                        reservation.release()
+                        reservation = await reserve_async(account, needed, f"a {rpc} call", wait=wait)
                 except LossdError as error:
                     await context.abort(error.code, capped(error.message))
-                if request is None:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: no request message")
+                except TimeoutError:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"{rpc}: the request message did not arrive within {READ_TIMEOUT_SECONDS:g} s of the call",
+                    )
                 return await behavior(request, context)
             finally:
                 if reservation is not None:
-                    reservation.release()
+                    _release_when_done(context, reservation)
 
         return admitted
+
+
+async def _only_message(request_iterator: Any, rpc: str) -> Any:
+    """The one request of a unary call, read to the client's half-close (a generator left open would keep
+    its message alive); a second message is refused."""
+    request = None
+    async for message in request_iterator:
+        if request is not None:
+            raise InvalidArgumentError(f"{rpc}: a unary method takes one request message")
+        request = message
+    if request is None:
+        raise InvalidArgumentError(f"{rpc}: no request message")
+    return request
+
+
+def _release_when_done(context: aio.ServicerContext, reservation: Reservation) -> None:
+    """Released once the call is over, so the answer still being serialised and sent stays counted."""
+    try:
+        context.add_done_callback(lambda _: reservation.release())
+    except Exception:  # a context that takes no callbacks: release now rather than never
+        reservation.release()
 
 
 def _wait_for(context: aio.ServicerContext, wait: float) -> float:

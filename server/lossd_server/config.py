@@ -12,9 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1 << 20
 GiB = 1 << 30
 
-# A loss request of W bytes holds about this many W at its peak (message, decoded copy, float32 math,
-# gradient, encoded response): the request budget admits one of max_message_bytes at the least.
-LOSS_FOOTPRINT_FACTOR = 10
+# A loss request of W bytes holds up to this many W at its peak (message, decoded copy, float32 math,
+# gradient, encoded response; float16 logits are the worst): the request budget admits one of
+# max_message_bytes at the least (lossd_server.admission.loss_footprint_factor).
+LOSS_FOOTPRINT_FACTOR = 13
 
 
 def machine_memory_bytes() -> int:
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
         None,
         ge=4 * MiB,
         description="Largest request or response. Default: what request_memory_bytes can admit "
-        "(request_memory_bytes / 10, at most 512 MiB); gRPC's own default is 4 MiB.",
+        "(request_memory_bytes / 13, at most 512 MiB); gRPC's own default is 4 MiB.",
     )
     max_sessions: int = Field(1024, ge=1, description="Sessions held at once.")
     matrix_memory_bytes: int = Field(

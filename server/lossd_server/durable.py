@@ -29,10 +29,10 @@ import torch
 from lossd._exceptions import LossdError, NotFoundError, ResourceExhaustedError, UnavailableError
 from lossd._spec import SessionSpec
 from lossd_server.config import Settings
-from lossd_server.memory import MemoryAccount, Unlimited
+from lossd_server.memory import MemoryAccount, Reservation, Unlimited
 from lossd_server.progress import ProgressFiles
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Progress, Session, SessionView, view_of_stored
+from lossd_server.session import Progress, Session, SessionView, snapshot_bytes, view_of_stored
 from lossd_server.statedb import SessionGone, StateDB, Statistics, StoreFileError
 from lossd_server.store import (
     MemoryStore,
@@ -45,6 +45,8 @@ from lossd_server.store import (
 )
 
 log = logging.getLogger("lossd_server.durable")
+# How long taking a session out of memory (idle, shutdown) waits for room for its snapshot copy.
+RETIRE_MEMORY_WAIT_SECONDS = 10.0
 Key = tuple[str, str]  # (owner, name)
 
 
@@ -341,6 +343,13 @@ class DurableStore:
         if statistics.changes > session.saved_changes:
             session.saved_changes = statistics.changes
             session.snapshot_at = statistics.taken_at
+        self._progress.covered(session.incarnation, statistics.changes)  # the log keeps only later batches
+
+    def _staging(self, session: Session, wait: float = 0.0) -> Reservation:
+        """Room for the snapshot's staging copy of the accumulator, from the request budget."""
+        return self._work_memory.reserve(
+            snapshot_bytes(session.spec), f"the snapshot of session {session.name!r}", wait=wait
+        )
 
     def snapshot_all(self) -> None:
         with self._lock:
@@ -349,8 +358,11 @@ class DurableStore:
             if session.changes == session.saved_changes:
                 continue  # before statistics(): it copies the accumulator, and an idle server must copy nothing
             try:
-                statistics, _ = session.statistics()
-                self._save(key, session, statistics)
+                with self._staging(session):
+                    statistics, _ = session.statistics()
+                    self._save(key, session, statistics)
+            except ResourceExhaustedError:
+                log.info("snapshot of session %r waits for memory; retried next interval", key[1])
             except LossdError:
                 pass  # retired meanwhile (moved out of memory, deleted): whoever retired it saved it
             except Exception:
@@ -371,15 +383,19 @@ class DurableStore:
         with self._lock:
             if self._resident.get(key) is not session:
                 return True
-            statistics, _ = session.retire_with_statistics(error)
             try:
-                self._save(key, session, statistics)
+                with self._staging(session, wait=RETIRE_MEMORY_WAIT_SECONDS):
+                    session.retire(error)  # no batch lands after this, so the check below is final
+                    if session.changes != session.saved_changes:  # else nothing to copy: it is saved
+                        statistics, _ = session.statistics_of_retired()
+                        self._save(key, session, statistics)
             except Exception:
                 session.unretire()
                 log.exception("could not save session %r; keeping it in memory", key[1])
                 return False
             del self._resident[key]
             self._progress.release(session.incarnation)
+            session.release_memory()
         log.info("session %r moved out of memory", key[1], extra={"session": key[1]})
         return True
 

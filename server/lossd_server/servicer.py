@@ -196,7 +196,23 @@ class LossServicer(pb_grpc.LossServiceServicer):
     def _create(self, owner: str, request: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         check_session_name(request.name)
         session, created = self._store.create(owner, request.name, canonical_spec(request.spec))
-        return pb.CreateSessionResponse(session=session_message(session.view(), owner), created=created)
+        with self._session_messages_memory([session.view()], "CreateSession"):
+            return pb.CreateSessionResponse(session=session_message(session.view(), owner), created=created)
+
+    def _session_messages_memory(self, views: list[SessionView], what: str) -> Reservation:
+        """Room for answers that carry specs: a spec's class weights (8 C bytes) are encoded, then serialised."""
+        weights = sum(8 * view.spec.n_classes for view in views if view.spec.weight is not None)
+        return self._work_memory.reserve(2 * weights, what, wait=self._admission_wait)
+
+    def _get_session(self, owner: str, name: str) -> pb.Session:
+        view = self._store.get(owner, name).view()
+        with self._session_messages_memory([view], "GetSession"):
+            return session_message(view, owner)
+
+    def _list_sessions(self, owner: str) -> pb.ListSessionsResponse:
+        views = self._store.list(owner)
+        with self._session_messages_memory(views, "ListSessions"):
+            return pb.ListSessionsResponse(sessions=[session_message(view, owner) for view in views])
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: aio.ServicerContext
@@ -205,15 +221,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.Session:
         owner = self._identify(context)
-        return await self._run(lambda: session_message(self._store.get(owner, request.name).view(), owner))
+        return await self._run(self._get_session, owner, request.name)
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         owner = self._identify(context)
-        return await self._run(
-            lambda: pb.ListSessionsResponse(sessions=[session_message(view, owner) for view in self._store.list(owner)])
-        )
+        return await self._run(self._list_sessions, owner)
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: aio.ServicerContext

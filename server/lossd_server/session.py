@@ -277,11 +277,9 @@ class Session:
         with self._lock:
             return bool(self._ranks_finished)
 
-    def retire_with_statistics(self, error: LossdError) -> tuple[Statistics, int]:
-        """Retire and return the final statistics in one step, so no batch lands in between."""
-        with self._lock:
-            self._retired = error
-            self._release_waiters(error)
+    def statistics_of_retired(self) -> tuple[Statistics, int]:
+        """The final statistics of a retired session (no batch can land any more)."""
+        assert self._retired is not None
         return self._statistics_unchecked()
 
     def unretire(self) -> None:
