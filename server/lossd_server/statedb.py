@@ -7,6 +7,7 @@ stored as raw little-endian bytes with their dtype implied by the column.
 Opening never changes a file it does not recognise: an existing file is first
 checked through a read-only connection, and a new one is built under a temporary
 name and renamed into place, so a crash mid-creation leaves no half-made store.
+A version-1 file is upgraded in place, in one transaction.
 """
 
 from __future__ import annotations
@@ -21,17 +22,38 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from lossd._codec import byte_view
 from lossd._spec import SessionSpec
 from lossd.v1 import loss_service_pb2 as pb
 
 APPLICATION_ID = 0x4C4F5353  # "LOSS": marks the file as a lossd store
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the tensors are each table's last columns (1 had them in the middle; upgraded on open)
 FILE_NAME = "lossd.sqlite3"
 
-_SCHEMA = """
+# The tensors come last: SQLite keeps a zeroblob as a count of zero bytes only while
+# no column after it holds data; otherwise it builds the whole record in memory, and
+# writing a tensor costs twice its size again (see _CHUNK).
+_EPOCHS = """
+CREATE TABLE epochs (
+    owner TEXT NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
+    committed_at REAL NOT NULL,
+    supervise BLOB NOT NULL,       -- float32 [C, C], class-major
+    PRIMARY KEY (owner, name, epoch)
+)"""
+_SNAPSHOTS = """
+CREATE TABLE snapshots (
+    owner TEXT NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
+    samples INTEGER NOT NULL, correct INTEGER NOT NULL, samples_lost INTEGER NOT NULL,
+    applied TEXT NOT NULL,         -- JSON {rank: [[request_id, fingerprint], ...]}
+    taken_at REAL NOT NULL,
+    changes INTEGER NOT NULL,      -- Session.changes it reflects: an older snapshot never overwrites a newer
+    counts BLOB,                   -- int64 [C]; NULL for zeros
+    accumulator BLOB,              -- float64 [C, C]; NULL for zeros
+    PRIMARY KEY (owner, name)
+)"""
+_SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sessions (
     owner TEXT NOT NULL, name TEXT NOT NULL,
@@ -42,23 +64,9 @@ CREATE TABLE sessions (
     PRIMARY KEY (owner, name)
 );
 -- S in force during `epoch`: written when the epoch before it finishes.
-CREATE TABLE epochs (
-    owner TEXT NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
-    supervise BLOB NOT NULL,       -- float32 [C, C], class-major
-    committed_at REAL NOT NULL,
-    PRIMARY KEY (owner, name, epoch)
-);
+{_EPOCHS};
 -- The statistics of the current epoch as of `taken_at`.
-CREATE TABLE snapshots (
-    owner TEXT NOT NULL, name TEXT NOT NULL, epoch INTEGER NOT NULL,
-    accumulator BLOB,              -- float64 [C, C]; NULL for zeros
-    counts BLOB,                   -- int64 [C]; NULL for zeros
-    samples INTEGER NOT NULL, correct INTEGER NOT NULL, samples_lost INTEGER NOT NULL,
-    applied TEXT NOT NULL,         -- JSON {rank: [[request_id, fingerprint], ...]}
-    taken_at REAL NOT NULL,
-    changes INTEGER NOT NULL,      -- Session.changes it reflects: an older snapshot never overwrites a newer
-    PRIMARY KEY (owner, name)
-);
+{_SNAPSHOTS};
 """
 
 
@@ -100,13 +108,52 @@ class StoredSession:
     statistics: Statistics | None
 
 
-def _blob(tensor: torch.Tensor) -> bytes:
-    array = tensor.detach().to("cpu").contiguous().numpy()
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+# Tensors go through incremental blob I/O in chunks of this size: a row is inserted with
+# zeroblob(n) and filled from the tensor's own memory, because a bound value of n bytes
+# costs ~2n more (SQLite copies it, then builds the row record from it) and reading a
+# whole blob back as bytes costs n more before the tensor is even made.
+_CHUNK = 8 << 20
 
 
-def _tensor(blob: bytes, dtype: np.dtype[np.generic], shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(blob, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape).copy())
+def _nbytes(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def _zeroblob(parameter: int) -> str:
+    """SQL for a zeroblob of the size bound to ``?parameter``, or NULL for None (zeroblob(NULL) is an empty blob)."""
+    return f"CASE WHEN ?{parameter} IS NULL THEN NULL ELSE zeroblob(?{parameter}) END"
+
+
+def _write_blob(db: sqlite3.Connection, table: str, column: str, rowid: int, tensor: torch.Tensor) -> None:
+    """Fill the zeroblob at ``rowid`` with the tensor's bytes, in the caller's transaction."""
+    data = byte_view(tensor)  # little-endian, as stored: the codec refuses big-endian hosts
+    with db.blobopen(table, column, rowid) as blob:
+        for start in range(0, len(data), _CHUNK):
+            blob.write(data[start : start + _CHUNK])
+
+
+def _copy_blob(db: sqlite3.Connection, column: str, source: tuple[str, int], target: tuple[str, int]) -> None:
+    """Copy a blob into a zeroblob of the same size, a chunk at a time."""
+    with (
+        db.blobopen(source[0], column, source[1], readonly=True) as read,
+        db.blobopen(target[0], column, target[1]) as write,
+    ):
+        while chunk := read.read(_CHUNK):
+            write.write(chunk)
+
+
+def _read_blob(
+    db: sqlite3.Connection, table: str, column: str, rowid: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The blob read chunk by chunk into a new tensor: no whole-blob bytes object on the way."""
+    tensor = torch.empty(shape, dtype=dtype)
+    target = byte_view(tensor)
+    with db.blobopen(table, column, rowid, readonly=True) as blob:
+        if len(blob) != len(target):
+            raise StoreFileError(f"{table}.{column}: {len(blob)} bytes stored, {len(target)} expected for {shape}")
+        for start in range(0, len(target), _CHUNK):
+            target[start : start + _CHUNK] = blob.read(_CHUNK)
+    return tensor
 
 
 def _applied_json(statistics: Statistics) -> str:
@@ -131,8 +178,8 @@ def _spec(blob: bytes) -> SessionSpec:
     return SessionSpec.from_proto(message)
 
 
-def _check_existing(path: Path) -> None:
-    """Read-only checks: a damaged or foreign file is reported and left exactly as it is."""
+def _check_existing(path: Path) -> int:
+    """Read-only checks: a damaged or foreign file is reported and left exactly as it is. Returns its version."""
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as error:
@@ -145,10 +192,12 @@ def _check_existing(path: Path) -> None:
         if check != ["ok"]:
             raise StoreFileError(f"{path}: the state store is damaged: {'; '.join(check[:5])}")
         version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if version is None or int(version[0]) != SCHEMA_VERSION:
+        if version is None or int(version[0]) not in (1, SCHEMA_VERSION):
             raise StoreFileError(
                 f"{path}: state store schema version {version and version[0]}, this server reads {SCHEMA_VERSION}"
+                " (and upgrades 1)"
             )
+        return int(version[0])
     except sqlite3.Error as error:
         raise StoreFileError(f"{path}: the state store is damaged or not a database: {error}") from None
     finally:
@@ -183,8 +232,9 @@ class StateDB:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = directory / FILE_NAME
+        version = SCHEMA_VERSION
         if self.path.exists():
-            _check_existing(self.path)
+            version = _check_existing(self.path)
         else:
             _create(self.path)
         self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -192,6 +242,49 @@ class StateDB:
         self._connection.execute("PRAGMA synchronous = FULL")
         self._connection.execute("PRAGMA busy_timeout = 10000")
         self._lock = threading.Lock()
+        if version == 1:
+            try:
+                self._upgrade_from_1()
+            except BaseException:
+                self._connection.close()  # rolled back: the file is still version 1
+                raise
+
+    def _upgrade_from_1(self) -> None:
+        """Rebuild the tensor tables with the tensors last, in one transaction: a crash leaves version 1.
+
+        Each tensor is copied chunk by chunk (an INSERT ... SELECT would hold two whole copies).
+        """
+        with self._transaction() as db:
+            db.execute("ALTER TABLE epochs RENAME TO epochs_1")
+            db.execute("ALTER TABLE snapshots RENAME TO snapshots_1")
+            db.execute(_EPOCHS)
+            db.execute(_SNAPSHOTS)
+            rows = db.execute("SELECT rowid, owner, name, epoch, committed_at, length(supervise) FROM epochs_1")
+            for old, *values in rows.fetchall():
+                new = db.execute(
+                    "INSERT INTO epochs (owner, name, epoch, committed_at, supervise) VALUES (?, ?, ?, ?, zeroblob(?))",
+                    values,
+                ).lastrowid
+                assert new is not None
+                _copy_blob(db, "supervise", ("epochs_1", old), ("epochs", new))
+            rows = db.execute(
+                "SELECT rowid, owner, name, epoch, samples, correct, samples_lost, applied, taken_at, changes, "
+                "length(counts), length(accumulator) FROM snapshots_1"
+            )
+            for old, *values in rows.fetchall():
+                new = db.execute(
+                    "INSERT INTO snapshots (owner, name, epoch, samples, correct, samples_lost, applied, taken_at, "
+                    f"changes, counts, accumulator) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, {_zeroblob(10)}, "
+                    f"{_zeroblob(11)})",
+                    values,
+                ).lastrowid
+                assert new is not None
+                for column, size in (("counts", values[-2]), ("accumulator", values[-1])):
+                    if size is not None:
+                        _copy_blob(db, column, ("snapshots_1", old), ("snapshots", new))
+            db.execute("DROP TABLE epochs_1")
+            db.execute("DROP TABLE snapshots_1")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -258,9 +351,13 @@ class StateDB:
             if replaced:
                 db.execute("DELETE FROM epochs WHERE owner = ? AND name = ? AND epoch > ?", (owner, name, epoch))
             if supervise is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?, ?)", (owner, name, epoch, _blob(supervise), now)
+                cursor = db.execute(
+                    "INSERT OR REPLACE INTO epochs (owner, name, epoch, committed_at, supervise) "
+                    "VALUES (?, ?, ?, ?, zeroblob(?))",
+                    (owner, name, epoch, now, _nbytes(supervise)),
                 )
+                assert cursor.lastrowid is not None  # an INSERT always sets it
+                _write_blob(db, "epochs", "supervise", cursor.lastrowid, supervise)
                 self._trim_history(db, owner, name, history_bytes)
             self._write_statistics(db, owner, name, statistics)
 
@@ -290,26 +387,34 @@ class StateDB:
                 self._write_statistics(db, owner, name, statistics)
 
     def _write_statistics(self, db: sqlite3.Connection, owner: str, name: str, statistics: Statistics) -> None:
-        db.execute(
-            "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, name) DO UPDATE SET "
+        # The tensors are written after the row, into its zeroblobs. RETURNING gives the rowid
+        # of the row written, and no row when the WHERE refuses an older snapshot: then nothing is.
+        written = db.execute(
+            "INSERT INTO snapshots (owner, name, epoch, samples, correct, samples_lost, applied, taken_at, changes, "
+            f"counts, accumulator) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, {_zeroblob(10)}, {_zeroblob(11)}) "
+            "ON CONFLICT (owner, name) DO UPDATE SET "
             "epoch = excluded.epoch, accumulator = excluded.accumulator, counts = excluded.counts, "
             "samples = excluded.samples, correct = excluded.correct, samples_lost = excluded.samples_lost, "
             "applied = excluded.applied, taken_at = excluded.taken_at, changes = excluded.changes "
-            "WHERE excluded.changes > snapshots.changes",
+            "WHERE excluded.changes > snapshots.changes RETURNING rowid",
             (
                 owner,
                 name,
                 statistics.epoch,
-                None if statistics.accumulator is None else _blob(statistics.accumulator),
-                None if statistics.counts is None else _blob(statistics.counts),
                 statistics.samples,
                 statistics.correct,
                 statistics.samples_lost,
                 _applied_json(statistics),
                 statistics.taken_at,
                 statistics.changes,
+                _nbytes(statistics.counts),
+                _nbytes(statistics.accumulator),
             ),
-        )
+        ).fetchall()  # done stepping before a blob handle opens on the row
+        for (rowid,) in written:
+            for column, tensor in (("accumulator", statistics.accumulator), ("counts", statistics.counts)):
+                if tensor is not None:
+                    _write_blob(db, "snapshots", column, rowid, tensor)
 
     # Reads --------------------------------------------------------------
 
@@ -334,9 +439,11 @@ class StateDB:
         """The class-major S kept for ``epoch``, or None."""
         with self._lock:
             row = self._connection.execute(
-                "SELECT supervise FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
+                "SELECT rowid FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
             ).fetchone()
-        return None if row is None else _tensor(row[0], np.dtype(np.float32), (n_classes, n_classes))
+            if row is None:
+                return None
+            return _read_blob(self._connection, "epochs", "supervise", row[0], torch.float32, (n_classes, n_classes))
 
     def load(self, owner: str, name: str) -> StoredSession | None:
         with self._lock:
@@ -350,21 +457,30 @@ class StateDB:
             spec, epoch = _spec(row[0]), int(row[1])
             c = spec.n_classes
             stored_s = db.execute(
-                "SELECT supervise FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
+                "SELECT rowid FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
             ).fetchone()
-            supervise = None if stored_s is None else _tensor(stored_s[0], np.dtype(np.float32), (c, c))
+            supervise = (
+                None if stored_s is None else _read_blob(db, "epochs", "supervise", stored_s[0], torch.float32, (c, c))
+            )
             snap = db.execute(
-                "SELECT epoch, accumulator, counts, samples, correct, samples_lost, applied, taken_at, changes "
-                "FROM snapshots WHERE owner = ? AND name = ?",
+                "SELECT epoch, length(accumulator), length(counts), samples, correct, samples_lost, applied, "
+                "taken_at, changes, rowid FROM snapshots WHERE owner = ? AND name = ?",  # length() reads no blob
                 (owner, name),
             ).fetchone()
+            # Read only for the current epoch, while the lock keeps the row as selected.
+            accumulator = counts = None
+            if snap is not None and snap[0] == epoch:
+                if snap[1] is not None:
+                    accumulator = _read_blob(db, "snapshots", "accumulator", snap[9], torch.float64, (c, c))
+                if snap[2] is not None:
+                    counts = _read_blob(db, "snapshots", "counts", snap[9], torch.int64, (c,))
         statistics = None
         if snap is not None and snap[0] == epoch:
             applied, lost = _parse_applied(snap[6])
             statistics = Statistics(
                 epoch=epoch,
-                accumulator=None if snap[1] is None else _tensor(snap[1], np.dtype(np.float64), (c, c)),
-                counts=None if snap[2] is None else _tensor(snap[2], np.dtype(np.int64), (c,)),
+                accumulator=accumulator,
+                counts=counts,
                 samples=int(snap[3]),
                 correct=int(snap[4]),
                 samples_lost=int(snap[5]),
