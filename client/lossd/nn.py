@@ -597,7 +597,8 @@ class OnlineLabelSmoothing(RemoteLoss):
             supervise=state_dict[prefix + "supervise"].detach().to("cpu", torch.float32),
             accumulator=state_dict[prefix + "update"].detach().to("cpu", torch.float64),
             counts=counts.detach().to("cpu", torch.int64),
-            samples_this_epoch=int(samples) if samples is not None else 0,
+            # The reference keeps no sample count: its correctly predicted samples are the least it saw.
+            samples_this_epoch=int(samples) if samples is not None else int(counts.sum()),
         )
         self._epoch = self.client.load_state(self.session, state).epoch
         if self.spec.world_size > 1:

@@ -44,11 +44,15 @@ _OVERHEAD = 64 << 10  # a call's fixed cost: protobuf objects, Python frames, sm
 READ_TIMEOUT_SECONDS = 30.0
 
 
-def loss_footprint(request: pb.LossRequest) -> int:
-    """The bytes a LossRequest holds at its peak, from its size and dtype (never from its claimed shape alone)."""
+def loss_footprint(request: pb.LossRequest, max_shared: int = 0) -> int:
+    """The bytes a LossRequest holds at its peak, from its size and dtype (never from its claimed shape alone).
+
+    ``max_shared``: the largest shared-memory segment the caller may have attached (0 where none can be:
+    a region claimed beyond it is refused by validation, so it must not be refused here first).
+    """
     message = request.ByteSize()
     itemsize = _ITEMSIZE.get(request.logits.dtype, 4)
-    shared = max(0, request.logits.shared.nbytes) if request.logits.HasField("shared") else 0
+    shared = min(max(0, request.logits.shared.nbytes), max_shared) if request.logits.HasField("shared") else 0
     # ByteSize, not len(data): reading a bytes field copies it out of protobuf's arena.
     logits_bytes = shared or request.logits.ByteSize()
     elements = logits_bytes // itemsize
@@ -86,11 +90,14 @@ class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._prefix):
+        if handler is None or not method.startswith(self._prefix):
             return handler
+        deserializer = _tolerant(handler.request_deserializer)
+        if handler.unary_unary is None:  # LossStream: admitted message by message by the servicer
+            return handler._replace(request_deserializer=deserializer)
         return grpc.stream_unary_rpc_method_handler(
             self._admitted(handler.unary_unary, method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -128,6 +135,30 @@ class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         return admitted
 
 
+class Undecodable:
+    """What a request that is not a valid message parses to, so the handler answers INVALID_ARGUMENT
+    (gRPC would answer UNKNOWN on a unary call and end a stream)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self, rpc: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{rpc}: the request is not a valid message: {type(self.error).__name__}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # protobuf's DecodeError, or anything a parser raises on garbage
+            return Undecodable(error)
+
+    return deserialize
+
+
 async def _only_message(request_iterator: Any, rpc: str) -> Any:
     """The one request of a unary call, read to the client's half-close (a generator left open would keep
     its message alive); a second message is refused."""
@@ -138,6 +169,8 @@ async def _only_message(request_iterator: Any, rpc: str) -> Any:
         request = message
     if request is None:
         raise InvalidArgumentError(f"{rpc}: no request message")
+    if isinstance(request, Undecodable):
+        raise request.invalid(rpc)
     return request
 
 

@@ -25,7 +25,7 @@ from lossd._exceptions import DeadlineExceededError, InvalidArgumentError, NotFo
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import shared_memory
-from lossd_server.admission import loss_footprint
+from lossd_server.admission import Undecodable, loss_footprint
 from lossd_server.auth import Identify, anonymous
 from lossd_server.batch import decode_batch
 from lossd_server.errors import status_of
@@ -338,6 +338,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         # thread may hold it, so its descriptor closes with its last reference (see _shm.Segment).
         segment: _shm.Segment | None = None
         async for request in request_iterator:
+            if isinstance(request, Undecodable):  # answered in band; the stream goes on
+                invalid = request.invalid("LossStream")
+                yield pb.LossResponse(error=pb.Error(code=invalid.code.value[0], message=invalid.message))
+                continue
             if request.HasField("attach_shared_memory"):  # a control request: replaces the segment
                 response, attached = shared_memory.attach(request, self._shared_memory_limit, self.shared_memory_stats)
                 segment = attached or segment
@@ -347,7 +351,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             try:
                 # Admitted now that its size is known: its math and its answer must fit the request budget.
                 reservation = await reserve_async(
-                    self._work_memory, loss_footprint(request), "a LossStream request", wait=self._admission_wait
+                    self._work_memory,
+                    loss_footprint(request, self._shared_memory_limit if segment is not None else 0),
+                    "a LossStream request",
+                    wait=self._admission_wait,
                 )
                 inline = self._runs_inline(request)
                 if segment is None:

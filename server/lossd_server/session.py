@@ -454,6 +454,8 @@ class Session:
                     f"session {self.name!r} is at epoch {self.epoch}, but next_epoch was called for epoch {epoch}"
                     + (f" by rank {rank}" if self.world_size > 1 else "")
                 )
+            if self.epoch >= MAX_EPOCH:  # no epoch past the bound, so every state stays loadable
+                raise FailedPreconditionError(f"session {self.name!r} is at epoch {self.epoch}, the last one")
             self._ranks_finished.add(rank)
             done = self._epoch_done
             if len(self._ranks_finished) == self.world_size:
@@ -750,6 +752,11 @@ def check_state(spec: SessionSpec, state: StateSnapshot) -> None:
         total = sum(state.counts.tolist())  # in Python ints: an int64 sum could wrap around
         if int(high) > MAX_COUNT or total > MAX_COUNT:
             raise InvalidArgumentError(f"state.counts: expected a sum of at most {MAX_COUNT} but got {total}")
+        if total > state.samples_this_epoch:
+            raise InvalidArgumentError(
+                f"state.counts: they sum to {total}, more than samples_this_epoch={state.samples_this_epoch}; "
+                "each counted sample is one of the epoch's samples"
+            )
 
 
 # Each row sums counts[j] softmax vectors, so it sums to counts[j] up to float32 rounding of the probabilities.
