@@ -342,14 +342,15 @@ class Session:
             counts = None
             if rows is not None and probs is not None:
                 counts = self._counts.index_add(0, rows, torch.ones_like(rows))  # a new tensor: nothing changed yet
-            self._check_totals(output.n_used, output.n_correct, counts)
+            self._check_totals(output.n_used, counts)
             if rows is not None and probs is not None:
                 self._accumulator.index_add_(0, rows, probs)
             progress = self._counted(output.n_used, output.n_correct, counts, rank, request, commit)
             return Result(output, self.epoch, self.samples_this_epoch + self.samples_lost, progress)
 
-    def _check_totals(self, samples: int, correct: int, counts: torch.Tensor | None) -> None:
-        """Under the lock, before anything changes: no total may pass MAX_COUNT (so none can overflow)."""
+    def _check_totals(self, samples: int, counts: torch.Tensor | None) -> None:
+        """Under the lock, before anything changes: no total may pass MAX_COUNT (so none can overflow).
+        The correct count is at most the samples, so bounded by the same check."""
         if self.samples_this_epoch + samples + self.samples_lost > MAX_COUNT or (
             counts is not None and counts.numel() and int(counts.max()) > MAX_COUNT
         ):
@@ -357,7 +358,6 @@ class Session:
                 f"samples: session {self.name!r} would count more than {MAX_COUNT} samples in epoch {self.epoch} "
                 f"({self.samples_this_epoch} so far, {samples} more); call next_epoch first"
             )
-        del correct  # correct <= samples, so bounded by the same check
 
     def _counted(
         self,
@@ -413,7 +413,7 @@ class Session:
         with self._lock:
             self._check_epoch(epoch, rank, True)
             new_counts = self._counts.index_add(0, classes, counts) if classes.numel() else None
-            self._check_totals(upload.samples, upload.correct, new_counts)
+            self._check_totals(upload.samples, new_counts)
             if classes.numel():
                 self._accumulator.index_add_(0, classes, rows)
             progress = self._counted(upload.samples, upload.correct, new_counts, rank, request, commit)
