@@ -217,6 +217,18 @@ async def start(settings: Settings) -> Running:
         url = f"http://{f'[{host}]' if ':' in host else host}:{metrics.port}/metrics"
         log.info("metrics on %s", url, extra={"metrics_url": url})
     log_exposure(settings, identify)
+    log.info(
+        "memory budgets: matrix_memory_bytes=%d (session state), request_memory_bytes=%d (calls in flight), "
+        "max_message_bytes=%d (docs/limits.md)",
+        settings.matrix_memory_bytes,
+        work_memory.limit,
+        limit,
+        extra={
+            "matrix_memory_bytes": settings.matrix_memory_bytes,
+            "request_memory_bytes": work_memory.limit,
+            "max_message_bytes": limit,
+        },
+    )
     return Running(server, servicer, health_servicer, executor, port, device, store, metrics)
 
 
