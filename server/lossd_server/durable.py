@@ -17,6 +17,7 @@ nothing will save, and the client's retry finds the session again.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -78,12 +79,27 @@ class DurableStore:
     ) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
-        self._device = device
-        self._compiled_math = compiled_math
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self.memory = MemoryAccount("state", matrix_memory_bytes, "matrix_memory_bytes")
         self._work_memory = work_memory or Unlimited()
+        # How this store makes a session, new or from the store: one place for what every session shares.
+        self._build = functools.partial(
+            Session,
+            device=device,
+            replay=self._replay,
+            compiled_math=compiled_math,
+            state_memory=self.memory,
+            work_memory=self._work_memory,
+        )
+        self._restore = functools.partial(
+            Session.from_stored,
+            device=device,
+            replay=self._replay,
+            compiled_math=compiled_math,
+            state_memory=self.memory,
+            work_memory=self._work_memory,
+        )
         self._history_bytes = history_bytes
         self._idle_ttl = idle_ttl_seconds
         self._snapshot_seconds = snapshot_seconds
@@ -133,23 +149,16 @@ class DurableStore:
         return sum(session.state_bytes for session in self._resident.values())
 
     def _new_session(self, name: str, spec: SessionSpec, *, new: bool, build: Callable[[], Session]) -> Session:
-        """``build()`` the session with its state reserved; RESOURCE_EXHAUSTED, with the numbers, if it does not fit."""
-        reservation = admit(
+        return admit(
             name,
             spec,
             sessions=len(self._known) if new else 0,  # a stored session already counts
             max_sessions=self._max_sessions,
             memory=self.memory,
             work_memory=self._work_memory,
+            build=build,
             hint=f" (idle sessions leave memory after idle_ttl_seconds={self._idle_ttl:g})",
         )
-        try:
-            session = build()
-        except BaseException:
-            reservation.release()
-            raise
-        session.memory = reservation
-        return session
 
     def _attach(self, key: Key, session: Session) -> Session:
         owner = key[0]
@@ -168,15 +177,7 @@ class DurableStore:
             stored = self._db.load(*key)
             if stored is None:
                 raise NotFoundError(f"session {key[1]!r} not found")
-            return Session.from_stored(
-                stored,
-                self._device,
-                self._replay,
-                self._progress.read(stored.incarnation),
-                compiled_math=self._compiled_math,
-                state_memory=self.memory,
-                work_memory=self._work_memory,
-            )
+            return self._restore(stored, progress=self._progress.read(stored.incarnation))
 
         # Reserved before the matrices are read, from the spec alone.
         session = self._new_session(key[1], summary.spec, new=False, build=build)
@@ -228,15 +229,7 @@ class DurableStore:
                 name,
                 spec,
                 new=True,
-                build=lambda: Session(
-                    name,
-                    spec,
-                    self._device,
-                    self._replay,
-                    compiled_math=self._compiled_math,
-                    state_memory=self.memory,
-                    work_memory=self._work_memory,
-                ),
+                build=lambda: self._build(name, spec),
             )
             try:
                 self._db.put_session(owner, name, session.incarnation, spec, session.created_at)

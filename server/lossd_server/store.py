@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -11,7 +13,7 @@ import torch
 from lossd._exceptions import AlreadyExistsError, NotFoundError, ResourceExhaustedError
 from lossd._spec import SessionSpec
 from lossd_server.identifiers import check_session_name
-from lossd_server.memory import MemoryAccount, Reservation, Unlimited
+from lossd_server.memory import MemoryAccount, Unlimited
 from lossd_server.replay import ReplayLimits
 from lossd_server.session import Progress, Session, SessionView, epoch_end_bytes, snapshot_bytes, state_bytes
 
@@ -44,9 +46,10 @@ def admit(
     max_sessions: int,
     memory: MemoryAccount,
     work_memory: MemoryAccount,
+    build: Callable[[], Session],
     hint: str = "",
-) -> Reservation:
-    """The session's reservation of its state; RESOURCE_EXHAUSTED, with the numbers, when it does not fit."""
+) -> Session:
+    """``build()`` the session with its state reserved; RESOURCE_EXHAUSTED, with the numbers, when it does not fit."""
     if sessions >= max_sessions:
         raise ResourceExhaustedError(f"too many sessions: {sessions} of max_sessions={max_sessions} are in use")
     # Its epoch end and its snapshots need transient room that only the request budget can give.
@@ -63,7 +66,13 @@ def admit(
             f"session {name!r} needs {needed} bytes of matrices (n_classes={spec.n_classes}); "
             f"{memory.used} of {memory.setting}={memory.limit} are in use{hint}"
         )
-    return reservation
+    try:
+        session = build()
+    except BaseException:
+        reservation.release()
+        raise
+    session.memory = reservation
+    return session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +129,18 @@ class MemoryStore:
         compiled_math: bool = False,
         work_memory: MemoryAccount | None = None,
     ) -> None:
-        self._device = device
-        self._compiled_math = compiled_math
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self.memory = MemoryAccount("state", matrix_memory_bytes, "matrix_memory_bytes")
         self._work_memory = work_memory or Unlimited()
+        self._build = functools.partial(
+            Session,
+            device=device,
+            replay=self._replay,
+            compiled_math=compiled_math,
+            state_memory=self.memory,
+            work_memory=self._work_memory,
+        )
         self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()
 
@@ -138,28 +153,15 @@ class MemoryStore:
             existing = self._sessions.get((owner, name))
             if existing is not None:
                 return reuse(existing, spec), False
-            reservation = admit(
+            session = admit(
                 name,
                 spec,
                 sessions=len(self._sessions),
                 max_sessions=self._max_sessions,
                 memory=self.memory,
                 work_memory=self._work_memory,
+                build=lambda: self._build(name, spec),
             )
-            try:
-                session = Session(
-                    name,
-                    spec,
-                    self._device,
-                    self._replay,
-                    compiled_math=self._compiled_math,
-                    state_memory=self.memory,
-                    work_memory=self._work_memory,
-                )
-            except BaseException:
-                reservation.release()
-                raise
-            session.memory = reservation
             self._sessions[owner, name] = session
             return session, True
 
