@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import logging
 import os
+import time
 import threading
 import uuid
 import weakref
@@ -18,7 +19,15 @@ import torch
 from lossd import _codec
 from lossd._auth import BearerToken
 from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig, TLSConfig
-from lossd._exceptions import NotFoundError, UnavailableError, from_rpc_error
+from lossd._exceptions import (
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UnimplementedError,
+    from_rpc_error,
+)
+from lossd._local import LocalChannel, LocalUnavailable, layout
 from lossd._malloc import tune_client_once
 from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
@@ -28,33 +37,44 @@ from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
 R = TypeVar("R")
+log = logging.getLogger("lossd")
+# After the local transport could not be reached (a server restarting, say), "auto" steps go over gRPC
+# for this long before they try the socket again.
+LOCAL_RETRY_SECONDS = 10.0
 
 
 class _Connection:
-    """The channel and the current loss stream: what a client must release, kept apart from
-    the client so that a finalizer can release it without keeping the client alive."""
+    """The channel, the current loss stream and local channel: what a client must release, kept apart
+    from the client so that a finalizer can release it without keeping the client alive."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self.channel = channel
         self.closed = False
         self._stream: LossStream | None = None
-        self._lock = threading.Lock()
+        self.local: LocalChannel | None = None
+        # "auto": why the local transport is not used, and when to try it again (None: never).
+        self.local_refusal: str | None = None
+        self.local_retry_at: float | None = None
+        self.transport: str | None = None  # what the last step used
+        self.lock = threading.Lock()
 
-    def stream(self, stub: pb_grpc.LossServiceStub, timeout: float | None, shared_memory_limit: int = 0) -> LossStream:
-        with self._lock:
+    def stream(self, stub: pb_grpc.LossServiceStub, timeout: float | None) -> LossStream:
+        with self.lock:
             if self.closed:
                 raise RuntimeError("this lossd.Client is closed")
             if self._stream is None or not self._stream.usable:
                 if self._stream is not None:
                     self._stream.close()  # ends its watchdog thread
-                self._stream = LossStream(stub, timeout, shared_memory_limit=shared_memory_limit)
+                self._stream = LossStream(stub, timeout)
             return self._stream
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             self.closed = True
             if self._stream is not None:
                 self._stream.close()
+            if self.local is not None:
+                self.local.close()
             self.channel.close()
 
 
@@ -75,10 +95,13 @@ class Client:
     any ``LOSSD_TLS_*`` variables), ``False`` (plaintext), or None: TLS exactly
     when a ``LOSSD_TLS_*`` variable is set. Arguments win over the environment.
 
-    ``shared_memory`` (default True): when the server runs on the same host (or in a
-    container sharing this IPC namespace), the loss stream passes the tensors through a
-    POSIX shared-memory segment instead of the socket; it falls back to inline bytes
-    by itself when the server cannot map the segment. See docs/shared-memory.md.
+    ``transport`` (else ``LOSSD_TRANSPORT``, else ``"auto"``): how loss steps travel.
+    ``"local"``: the server's same-host Unix socket, with the tensors in a sealed memfd
+    segment both processes map; ``"grpc"``: the gRPC LossStream; ``"auto"``: local when
+    the server advertises a socket this process can reach on its host, else gRPC.
+    ``local_socket`` (else ``LOSSD_LOCAL_SOCKET``): the socket's path here, when it
+    differs from the server's (a container mounting its volume elsewhere).
+    See docs/local-transport.md.
     """
 
     def __init__(
@@ -91,7 +114,8 @@ class Client:
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
         token: str | None = None,
         tls: TLSConfig | bool | None = None,
-        shared_memory: bool = True,
+        transport: str | None = None,
+        local_socket: str | None = None,
     ) -> None:
         self.config = ClientConfig.resolve(
             target,
@@ -101,7 +125,8 @@ class Client:
             barrier_timeout=barrier_timeout,
             token=token,
             tls=tls,
-            shared_memory=shared_memory,
+            transport=transport,
+            local_socket=local_socket,
         )
         tune_client_once()
         self._pid = os.getpid()
@@ -130,7 +155,7 @@ class Client:
         if self.closed:
             raise RuntimeError("this lossd.Client is closed")
         if os.getpid() != self._pid:
-            # A forked child would share the parent's channel and shared-memory segment, and could
+            # A forked child would share the parent's channel and local segment, and could
             # write its tensors under the parent's request in flight.
             raise RuntimeError(
                 f"this lossd.Client was created in process {self._pid}; connections do not survive fork: "
@@ -293,19 +318,81 @@ class Client:
         if not stream:
             request = self._loss_request(session, logits, labels, training, need_grad, request_id, rank, epoch)
             return LossResult.from_proto(self._call(self._stub.ComputeLoss, request))
-        # The stream fills the tensors in per attempt: a reopened stream may have shared memory or not.
+        # Each attempt fills the tensors in: a resend may go over another transport than the first try.
         request = self._loss_request(session, None, None, training, need_grad, request_id, rank, epoch)
-        return self.config.retry.run(lambda: self._stream_loss(request, logits, labels), self.target)
+        return self.config.retry.run(lambda: self._step(request, logits, labels), self.target)
 
-    def _stream_loss(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
-        response, grad = self._open_stream().call_tensors(request, logits, labels)
-        result = LossResult.from_proto(response)
-        return result if grad is None else dataclasses.replace(result, scaled_grad=grad)
-
-    def _open_stream(self) -> LossStream:
+    def _step(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
         self._check_open()
-        limit = self.config.max_message_bytes if self.config.shared_memory else 0
-        return self._connection.stream(self._stub, self.config.timeout, limit)
+        needed = layout(logits, labels, request.need_grad)[3]
+        local = self._local_channel(needed)
+        if local is not None:
+            result = local.step(request, logits, labels)
+            self._used("local", local.socket_path)
+            return result
+        response = self._connection.stream(self._stub, self.config.timeout).call_tensors(request, logits, labels)
+        self._used("grpc", self._connection.local_refusal or f"transport={self.config.transport!r}")
+        return LossResult.from_proto(response)
+
+    @property
+    def transport(self) -> str:
+        """``"local"`` or ``"grpc"``: what the last loss step used, or (before the first) what the next will."""
+        if self._connection.transport is None:
+            self._local_channel(0)
+            return "local" if self._connection.local is not None else "grpc"
+        return self._connection.transport
+
+    def _used(self, transport: str, how: str) -> None:
+        connection = self._connection
+        if connection.transport != transport:
+            connection.transport = transport
+            log.debug("lossd client for %s: loss steps use the %s transport (%s)", self.target, transport, how)
+
+    def _local_channel(self, needed: int) -> LocalChannel | None:
+        """The attached local channel, (re)attached as needed; None where steps go over gRPC instead.
+
+        ``"local"`` raises where ``"auto"`` would fall back: FailedPreconditionError when this process cannot
+        use the server's socket, UnavailableError (retried) while it cannot reach it.
+        """
+        mode = self.config.transport
+        if mode == "grpc":
+            return None
+        connection = self._connection
+        with connection.lock:
+            channel = connection.local
+            if channel is not None and channel.usable and channel.fits(needed):
+                return channel
+            if channel is not None:
+                channel.close()  # broken (a resend goes to a fresh attach), or a bigger batch needs a bigger segment
+                connection.local = None
+            if mode == "auto" and connection.local_refusal is not None:
+                retry_at = connection.local_retry_at
+                if retry_at is None or time.monotonic() < retry_at:
+                    return None
+            try:
+                connection.local = self._attach(needed)
+                connection.local_refusal = connection.local_retry_at = None
+            except (LocalUnavailable, FailedPreconditionError, UnimplementedError) as error:
+                why = f"no local transport: {error}"
+                if mode == "local":
+                    raise FailedPreconditionError(f"transport='local': {why}") from error
+                # Another host, or a server without a socket: for good. A socket not there (yet): for a while.
+                transient = isinstance(error, LocalUnavailable) and "cannot connect" in str(error)
+                connection.local_refusal = why
+                connection.local_retry_at = time.monotonic() + LOCAL_RETRY_SECONDS if transient else None
+                return None
+            except ResourceExhaustedError:
+                if mode == "local":
+                    raise
+                return None  # a batch larger than the server maps: this one goes over gRPC
+            return connection.local
+
+    def _attach(self, needed: int) -> LocalChannel:
+        """A ticket over gRPC (so the tenant's credentials decide), then the segment over the socket."""
+        endpoint = self._call_once(self._stub.OpenLocal, pb.OpenLocalRequest(), self.config.timeout)
+        return LocalChannel.open(
+            endpoint, needed, socket_path=self.config.local_socket, timeout=self.config.timeout
+        )
 
     # Lifecycle --------------------------------------------------------------
 

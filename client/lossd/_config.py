@@ -25,6 +25,9 @@ TLS_CA_ENV = "LOSSD_TLS_CA"
 TLS_CLIENT_CERT_ENV = "LOSSD_TLS_CLIENT_CERT"
 TLS_CLIENT_KEY_ENV = "LOSSD_TLS_CLIENT_KEY"
 TLS_SERVER_NAME_ENV = "LOSSD_TLS_SERVER_NAME"
+TRANSPORT_ENV = "LOSSD_TRANSPORT"
+LOCAL_SOCKET_ENV = "LOSSD_LOCAL_SOCKET"
+TRANSPORTS = ("auto", "local", "grpc")
 _TLS_ENVS = (TLS_CA_ENV, TLS_CLIENT_CERT_ENV, TLS_CLIENT_KEY_ENV, TLS_SERVER_NAME_ENV)
 
 
@@ -102,6 +105,15 @@ def resolve_tls(tls: TLSConfig | bool | None) -> TLSConfig | None:
     return from_env
 
 
+def resolve_transport(transport: str | None) -> str:
+    """The argument, else LOSSD_TRANSPORT, else "auto"."""
+    source = "transport" if transport is not None else TRANSPORT_ENV
+    value = (transport if transport is not None else _env(TRANSPORT_ENV) or "auto").strip().lower()
+    if value not in TRANSPORTS:
+        raise ValueError(f"lossd: {source} must be one of {', '.join(TRANSPORTS)}; got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     target: str = DEFAULT_TARGET
@@ -111,8 +123,12 @@ class ClientConfig:
     barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT
     token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs and logs
     tls: TLSConfig | None = None
-    # Same-host shared-memory transport for the loss stream, when the server can map the client's segment.
-    shared_memory: bool = True
+    # How loss steps travel: "local" (the server's same-host socket and a shared segment), "grpc" (the
+    # LossStream), or "auto": local when the server advertises a socket this process can reach.
+    transport: str = "auto"
+    # The server's socket as this process sees it, when that differs from the path the server advertises
+    # (a container that mounts the socket's volume elsewhere); None: the advertised path.
+    local_socket: str | None = None
 
     @classmethod
     def resolve(
@@ -125,10 +141,12 @@ class ClientConfig:
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
         token: str | None = None,
         tls: TLSConfig | bool | None = None,
-        shared_memory: bool = True,
+        transport: str | None = None,
+        local_socket: str | None = None,
     ) -> ClientConfig:
         """Arguments win over the environment: the target comes from the argument, else ``LOSSD_TARGET``,
-        else ``localhost:50051``; the token and TLS as :func:`resolve_token` and :func:`resolve_tls` say."""
+        else ``localhost:50051``; the token, TLS and transport as :func:`resolve_token`, :func:`resolve_tls`
+        and :func:`resolve_transport` say; the local socket from the argument, else ``LOSSD_LOCAL_SOCKET``."""
         return cls(
             target=target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
             timeout=timeout,
@@ -137,7 +155,8 @@ class ClientConfig:
             barrier_timeout=barrier_timeout,
             token=resolve_token(token),
             tls=resolve_tls(tls),
-            shared_memory=shared_memory,
+            transport=resolve_transport(transport),
+            local_socket=local_socket or _env(LOCAL_SOCKET_ENV),
         )
 
     def channel_options(self) -> list[tuple[str, int | str]]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import uuid
 from typing import Any
 
 import grpc
 import torch
 
-from lossd import _codec, _shm
+from lossd import _codec
 from lossd._exceptions import (
     DeadlineExceededError,
     InternalError,
@@ -38,15 +37,8 @@ class LossStream:
     the client then opens a new stream for the next request.
     """
 
-    def __init__(self, stub: pb_grpc.LossServiceStub, timeout: float | None, *, shared_memory_limit: int = 0) -> None:
+    def __init__(self, stub: pb_grpc.LossServiceStub, timeout: float | None) -> None:
         self._timeout = timeout
-        # Same-host shared memory (see lossd._shm): the segment this stream attached, and whether
-        # the server refused one, which this stream then remembers. 0 turns it off.
-        self._shm_limit = shared_memory_limit
-        self._shm_refused = not (shared_memory_limit and _shm.available())
-        self.shm_refusal: str | None = None
-        self.shm_segment: _shm.Segment | None = None
-        self.shm_attaches = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._call: Any = stub.LossStream(iter(self._requests.get, _END))
         self._lock = threading.Lock()
@@ -75,88 +67,13 @@ class LossStream:
             raise from_status(status_code(item.error.code), item.error.message)
         return item
 
-    def call_tensors(
-        self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[pb.LossResponse, torch.Tensor | None]:
-        """``request`` (without tensors) with ``logits`` and ``labels``, in this stream's shared-memory
-        segment when it has one and they fit, else inline: (response, gradient read out of the segment
-        or None). The response's grad field is cleared when the gradient came through the segment."""
+    def call_tensors(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> pb.LossResponse:
+        """``request`` (without tensors) sent with ``logits`` and ``labels``."""
         attempt = pb.LossRequest()
         attempt.CopyFrom(request)
-        with self._lock:
-            if not self.usable:
-                raise self._why_closed()
-            logits_at = _shm.HEADER_BYTES
-            labels_at = _shm.align(logits_at + logits.nbytes)
-            grad_at = _shm.align(labels_at + labels.nbytes)
-            end = grad_at + (logits.nbytes if request.need_grad else 0)
-            segment = self._segment_for(end)
-            if segment is None:
-                _codec.encode_into(attempt.logits, logits)
-                _codec.encode_into(attempt.labels, labels)
-            else:
-                for field, tensor, offset in (("logits", logits, logits_at), ("labels", labels, labels_at)):
-                    segment.view(offset, tensor.dtype, tuple(tensor.shape)).copy_(tensor.detach())
-                    message = getattr(attempt, field)
-                    message.dtype = _codec.wire_dtype(tensor.dtype)
-                    message.shape.extend(tensor.shape)
-                    message.shared.CopyFrom(_shm.region(offset, tensor.nbytes))
-                if request.need_grad:
-                    attempt.grad_region.CopyFrom(_shm.region(grad_at, end - grad_at))
-            item = self._exchange(attempt)
-            grad = None
-            if segment is not None and item.grad.HasField("shared"):
-                grad = self._read_grad(segment, item.grad, grad_at, end - grad_at)
-                item.ClearField("grad")
-        if item.HasField("error"):
-            raise from_status(status_code(item.error.code), item.error.message)
-        return item, grad
-
-    def _read_grad(self, segment: _shm.Segment, message: pb.Tensor, offset: int, room: int) -> torch.Tensor:
-        """A private copy: the next request reuses the region, while autograd may keep this one."""
-        dtype = _codec.torch_dtype(message, "grad")
-        nbytes = _shm.nbytes_of(dtype, list(message.shape))
-        if message.shared.offset != offset or message.shared.nbytes != nbytes or nbytes > room:
-            self.close()
-            raise InternalError(f"the server put the gradient outside the region offered: {message.shared}")
-        return segment.view(offset, dtype, tuple(message.shape)).clone()
-
-    def _segment_for(self, needed: int) -> _shm.Segment | None:
-        """The attached segment, grown (a new one, attached anew) when ``needed`` bytes do not fit;
-        None for inline bytes: shared memory is off or refused, or ``needed`` is over the limit."""
-        if self._shm_refused or needed > self._shm_limit:
-            return None
-        old = self.shm_segment
-        if old is not None and needed <= old.size:
-            return old
-        try:
-            segment, nonce = _shm.Segment.create(min(_shm.segment_size(needed), self._shm_limit))
-        except _shm.SegmentError as error:
-            self._refuse(str(error), old)
-            return None
-        try:
-            attach = pb.SharedMemoryAttach(name=segment.name, size=segment.size, nonce=nonce)
-            reply = self._exchange(pb.LossRequest(request_id=f"shm-{uuid.uuid4().hex}", attach_shared_memory=attach))
-        finally:
-            segment.unlink()  # mapped by the server now, or never: either way no name is left behind
-        if reply.HasField("error") or not reply.HasField("shared_memory_attached"):
-            self._refuse(reply.error.message or "the server does not support shared memory", old)
-            return None
-        if reply.shared_memory_attached.nonce != segment.peer_nonce():
-            self._refuse("the server mapped another segment", None)
-            return None
-        self.shm_segment = segment  # the server replaced its mapping too; the old one goes with its last reference
-        self.shm_attaches += 1
-        return segment
-
-    def _refuse(self, why: str, old: _shm.Segment | None) -> None:
-        """Remember that this stream cannot have a (bigger) segment. A refused growth keeps the segment
-        attached before (the server keeps its mapping) for the batches that fit it."""
-        self.shm_refusal = why
-        if old is None:
-            self._shm_refused, self.shm_segment = True, None
-        else:
-            self._shm_limit = old.size
+        _codec.encode_into(attempt.logits, logits)
+        _codec.encode_into(attempt.labels, labels)
+        return self.call(attempt)
 
     def _exchange(self, request: pb.LossRequest) -> pb.LossResponse:
         """Send one request and wait for its response; the caller holds the lock."""
@@ -232,4 +149,3 @@ class LossStream:
             self._closed.set()
             self._requests.put(_END)
             self._call.cancel()
-            self.shm_segment = None  # unmapped once the last tensor viewing it goes

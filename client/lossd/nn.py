@@ -139,8 +139,8 @@ class RemoteLoss(nn.Module):
     ``session=None`` creates a private session that is deleted on :meth:`close`;
     a named session outlives the module, and a module created with the name of an
     existing session (same spec) joins it as it stands. The connection options
-    (``timeout``, ``retry_deadline``, ``barrier_timeout``, ``token``, ``tls``, ``shared_memory``) are those
-    of :class:`lossd.Client`.
+    (``timeout``, ``retry_deadline``, ``barrier_timeout``, ``token``, ``tls``, ``transport``,
+    ``local_socket``) are those of :class:`lossd.Client`; :attr:`transport` says which way steps travel.
     """
 
     # Whether requests carry the module's epoch, so the server refuses them once the epoch is over.
@@ -158,7 +158,8 @@ class RemoteLoss(nn.Module):
         barrier_timeout: float | None = DEFAULT_BARRIER_TIMEOUT,
         token: str | None = None,
         tls: TLSConfig | bool | None = None,
-        shared_memory: bool = True,
+        transport: str | None = None,
+        local_socket: str | None = None,
         rank: int = 0,
     ) -> None:
         super().__init__()
@@ -174,7 +175,8 @@ class RemoteLoss(nn.Module):
                 barrier_timeout=barrier_timeout,
                 token=token,
                 tls=tls,
-                shared_memory=shared_memory,
+                transport=transport,
+                local_socket=local_socket,
             )
             self._connect(client, owns_client=True)
         else:
@@ -202,7 +204,7 @@ class RemoteLoss(nn.Module):
             client=None,
             _finalizer=None,
             _reconnect=(config.target, config.timeout, config.retry.deadline, config.barrier_timeout, config.tls),
-            _shared_memory=config.shared_memory,
+            _transport=(config.transport, config.local_socket),
         )
         return state
 
@@ -210,7 +212,8 @@ class RemoteLoss(nn.Module):
         # Modules pickled before TLS support carry four settings.
         target, timeout, retry_deadline, barrier_timeout, *tls = state.pop("_reconnect")
         token = state.pop("_token", None)
-        shared_memory = state.pop("_shared_memory", True)
+        state.pop("_shared_memory", None)  # modules pickled before the local transport
+        transport, local_socket = state.pop("_transport", (None, None))
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         if self._private:
             self.session = _private_name()
@@ -221,7 +224,8 @@ class RemoteLoss(nn.Module):
             barrier_timeout=barrier_timeout,
             token=token,
             tls=(tls[0] or False) if tls else None,  # the original's TLS settings, plaintext included
-            shared_memory=shared_memory,
+            transport=transport,
+            local_socket=local_socket,
         )
         self._connect(client, owns_client=True)
 
@@ -237,6 +241,11 @@ class RemoteLoss(nn.Module):
         """Get-or-create the session; torch-style modules that are not told C do it at the first forward."""
         info, _ = self.client.create_session(self.session, dataclasses.replace(self.spec, n_classes=n_classes))
         self.spec, self._epoch, self._created = info.spec, info.epoch, True
+
+    @property
+    def transport(self) -> str:
+        """``"local"`` or ``"grpc"``: how this module's loss steps travel (see :class:`lossd.Client`)."""
+        return self.client.transport
 
     @property
     def epoch(self) -> int:

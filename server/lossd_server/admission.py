@@ -44,22 +44,20 @@ _OVERHEAD = 64 << 10  # a call's fixed cost: protobuf objects, Python frames, sm
 READ_TIMEOUT_SECONDS = 30.0
 
 
-def loss_footprint(request: pb.LossRequest, max_shared: int = 0) -> int:
-    """The bytes a LossRequest holds at its peak, from its size and dtype (never from its claimed shape alone).
-
-    ``max_shared``: the largest shared-memory segment the caller may have attached (0 where none can be:
-    a region claimed beyond it is refused by validation, so it must not be refused here first).
-    """
-    message = request.ByteSize()
-    itemsize = _ITEMSIZE.get(request.logits.dtype, 4)
-    shared = min(max(0, request.logits.shared.nbytes), max_shared) if request.logits.HasField("shared") else 0
+def loss_footprint(request: pb.LossRequest) -> int:
+    """The bytes a LossRequest holds at its peak, from its size and dtype (never from its claimed shape alone)."""
     # ByteSize, not len(data): reading a bytes field copies it out of protobuf's arena.
-    logits_bytes = shared or request.logits.ByteSize()
+    return math_footprint(request.ByteSize(), request.logits.ByteSize(), request.logits.dtype)
+
+
+def math_footprint(message_bytes: int, logits_bytes: int, dtype: int) -> int:
+    """A loss request's peak: ``message_bytes`` held twice (parsed, decoded), and per element of the
+    ``logits_bytes`` of wire ``dtype`` (a lossd.v1 DType number) its math and its answer.
+    The local transport's tensors are in the client's segment: it passes message_bytes=0."""
+    itemsize = _ITEMSIZE.get(dtype, 4)
     elements = logits_bytes // itemsize
     compute = 8 if itemsize == 8 else 4
-    return (
-        _OVERHEAD + _MESSAGE_COPIES * (message + shared) + elements * (_MATH_COPIES * compute + _WIRE_COPIES * itemsize)
-    )
+    return _OVERHEAD + _MESSAGE_COPIES * message_bytes + elements * (_MATH_COPIES * compute + _WIRE_COPIES * itemsize)
 
 
 def footprint(request: Any) -> int:
@@ -188,4 +186,4 @@ def _wait_for(context: aio.ServicerContext, wait: float) -> float:
     return wait if remaining is None else max(0.0, min(wait, remaining - 0.05))
 
 
-__all__ = ["AdmissionInterceptor", "footprint", "loss_footprint", "loss_footprint_factor"]
+__all__ = ["AdmissionInterceptor", "footprint", "loss_footprint", "loss_footprint_factor", "math_footprint"]

@@ -25,6 +25,7 @@ from lossd_server.config import Settings
 from lossd_server.device import resolve_device
 from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
+from lossd_server.local_transport import LocalTransport
 from lossd_server.memory import MemoryAccount
 from lossd_server.metrics import ServerMetrics
 from lossd_server.permissions import warn_if_state_dir_writable, warn_if_token_file_readable
@@ -90,6 +91,7 @@ class Running:
     device: torch.device
     store: SessionStore | None = None
     metrics: ServerMetrics | None = None
+    local: LocalTransport | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -103,8 +105,13 @@ class Running:
         work in flight, so it does not hold shutdown up for the whole grace period.
         """
         await self.health.enter_graceful_shutdown()
-        if not await self.servicer.drain(grace):
+        drains = [self.servicer.drain(grace)]
+        if self.local is not None:
+            drains.append(asyncio.to_thread(self.local.drain, grace))
+        if not all(await asyncio.gather(*drains)):
             log.warning("calls still running after %.1f s; cancelling them", grace, extra={"grace_seconds": grace})
+        if self.local is not None:
+            self.local.close()  # its clients see end-of-file, then reattach (or fall back) at the next server
         # A short grace lets the last responses flush before the idle streams are cancelled.
         await self.server.stop(min(grace, FLUSH_SECONDS))
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -163,7 +170,6 @@ async def start(settings: Settings) -> Running:
         executor,
         identify,
         on_training_samples=metrics.add_samples if metrics is not None else None,
-        shared_memory_limit=limit if settings.shared_memory else 0,
         inline_math_bytes=settings.inline_math_bytes,
         work_memory=work_memory,
         admission_wait=ADMISSION_WAIT_SECONDS,
@@ -191,6 +197,7 @@ async def start(settings: Settings) -> Running:
             raise OSError(f"could not bind {host}:{settings.port} (the port may be in use, or the address not local)")
         if metrics is not None and settings.metrics_port is not None:
             metrics.serve(host, settings.metrics_port)  # before server.start(), so a busy port starts nothing
+        local = _start_local(settings, servicer, work_memory)
     except BaseException:
         store.close()  # releases the state directory for the next attempt
         raise
@@ -229,7 +236,26 @@ async def start(settings: Settings) -> Running:
             "max_message_bytes": limit,
         },
     )
-    return Running(server, servicer, health_servicer, executor, port, device, store, metrics)
+    return Running(server, servicer, health_servicer, executor, port, device, store, metrics, local)
+
+
+def _start_local(settings: Settings, servicer: LossServicer, work_memory: MemoryAccount) -> LocalTransport | None:
+    """The same-host data plane, unless disabled. A default path that cannot be used (too long for a socket,
+    taken by another server sharing the state directory) is skipped with a warning; an explicit one fails."""
+    path = settings.resolved_local_socket
+    if path is None:
+        return None
+    local = LocalTransport(path, servicer, work_memory, admission_wait=ADMISSION_WAIT_SECONDS)
+    try:
+        local.start()
+    except OSError as error:
+        if settings.local_socket is not None:
+            raise
+        log.warning("serving without the local transport: %s", error, extra={"local_socket": str(path)})
+        return None
+    servicer.serve_local(local.endpoint)
+    log.info("local transport on %s", path, extra={"local_socket": str(path)})
+    return local
 
 
 async def serve(settings: Settings) -> None:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lossd import _codec, _shm
+from typing import Protocol
+
+from lossd import _codec
 from lossd._exceptions import InvalidArgumentError
 from lossd._spec import SessionSpec
 from lossd.v1 import loss_service_pb2 as pb
-from lossd_server import shared_memory
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -20,25 +21,43 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 @dataclass(frozen=True)
 class Batch:
     logits: torch.Tensor  # [N, C], wire dtype, on the CPU
-    labels: torch.Tensor  # [N] int64, on the CPU
+    labels: torch.Tensor  # [N] int64, on the CPU; never memory the client can write
+    # The logits view memory the client can still write (the local transport's segment): what the
+    # statistics add is checked again, so a client changing them mid-step cannot poison the state.
+    shared: bool = False
 
 
-def _decode(message: pb.Tensor, field: str, segment: _shm.Segment | None = None) -> torch.Tensor:
-    if message.HasField("shared"):  # same-host shared memory: the bytes are in the stream's segment
-        return shared_memory.decode(message, field, segment)
+class Payload(Protocol):
+    """A LossRequest's tensors when they did not travel inside its message."""
+
+    @property
+    def logits_nbytes(self) -> int: ...
+
+    @property
+    def shared(self) -> bool: ...
+
+    def tensors(self, request: pb.LossRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) as ``request`` declares them; InvalidArgumentError when they do not match."""
+        ...
+
+
+def _decode(message: pb.Tensor, field: str) -> torch.Tensor:
     try:
         return _codec.decode(message, field)
     except _codec.CodecError as error:
         raise InvalidArgumentError(str(error)) from None
 
 
-def decode_batch(request: pb.LossRequest, spec: SessionSpec, segment: _shm.Segment | None = None) -> Batch:
+def decode_batch(request: pb.LossRequest, spec: SessionSpec, payload: Payload | None = None) -> Batch:
     if not request.HasField("logits"):
         raise InvalidArgumentError("logits: required")
     if not request.HasField("labels"):
         raise InvalidArgumentError("labels: required")
-    logits = _decode(request.logits, "logits", segment)
-    labels = _decode(request.labels, "labels", segment)
+    if payload is None:
+        logits, labels = _decode(request.logits, "logits"), _decode(request.labels, "labels")
+    else:
+        logits, labels = payload.tensors(request)
+    shared = payload is not None and payload.shared
     if logits.dtype not in FLOAT_DTYPES:
         raise InvalidArgumentError(f"logits: expected float32, float16, bfloat16 or float64 but got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] != spec.n_classes:
@@ -47,11 +66,13 @@ def decode_batch(request: pb.LossRequest, spec: SessionSpec, segment: _shm.Segme
         raise InvalidArgumentError(f"labels: expected int64 or int32 but got {labels.dtype}")
     if tuple(labels.shape) != (logits.shape[0],):
         raise InvalidArgumentError(f"labels: expected shape [{logits.shape[0]}] but got {list(labels.shape)}")
-    labels = labels.to(torch.int64)
+    # A private copy where the client could rewrite them after they are checked: an index out of range
+    # would fail the accumulator's index_add_ (on CUDA, kill the context).
+    labels = labels.to(torch.int64, copy=shared)
     _check_labels(labels, spec)
     if not _all_finite(logits):
         raise InvalidArgumentError("logits: contains NaN or infinity")
-    return Batch(logits=logits, labels=labels)
+    return Batch(logits=logits, labels=labels, shared=shared)
 
 
 def _check_labels(labels: torch.Tensor, spec: SessionSpec) -> None:

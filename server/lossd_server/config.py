@@ -108,8 +108,10 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="json writes one object per line.")
     tune_malloc: bool = Field(True, description="Raise glibc's mmap/trim thresholds for megabyte tensors.")
-    shared_memory: bool = Field(
-        True, description="Let same-host clients pass tensors through POSIX shared memory (/dev/shm)."
+    local_socket: str | None = Field(
+        None,
+        description="Unix socket of the same-host data plane (tensors in a sealed memfd, one header per step). "
+        "Default: lossd.sock in --state-dir; '' serves without one (clients then use the gRPC stream).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -139,6 +141,12 @@ class Settings(BaseSettings):
             return self.state_dir
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(base) / "lossd"
+
+    @property
+    def resolved_local_socket(self) -> Path | None:
+        if self.local_socket is None:
+            return self.resolved_state_dir / "lossd.sock"
+        return Path(self.local_socket) if self.local_socket.strip() else None
 
     @field_validator("device")
     @classmethod

@@ -264,13 +264,11 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
         async def wrapper(request_iterator: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
             # LossStream answers each request in order with one response, so arrival times pair up with responses.
-            # A shared-memory attach is a control message, not a loss request: it is answered but not counted.
-            arrivals: deque[tuple[float, bool]] = deque()
+            arrivals: deque[float] = deque()
 
             async def timed() -> AsyncIterator[Any]:
                 async for request in request_iterator:
-                    control = per_request and request.HasField("attach_shared_memory")
-                    arrivals.append((time.perf_counter(), control))
+                    arrivals.append(time.perf_counter())
                     yield request
 
             metrics.stream_opened(rpc)
@@ -278,10 +276,9 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 async for response in behavior(timed(), context):
                     if per_request:
-                        start, control = arrivals.popleft() if arrivals else (time.perf_counter(), False)
-                        if not control:
-                            code = code_name(response.error.code) if response.HasField("error") else "OK"
-                            metrics.observe(rpc, code, time.perf_counter() - start)
+                        start = arrivals.popleft() if arrivals else time.perf_counter()
+                        code = code_name(response.error.code) if response.HasField("error") else "OK"
+                        metrics.observe(rpc, code, time.perf_counter() - start)
                     yield response
             except BaseException as raised:
                 error = raised

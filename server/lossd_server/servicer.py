@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
-import threading
+import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,14 +20,19 @@ from typing import TypeVar
 import torch
 from grpc import aio
 
-from lossd import _codec, _shm
-from lossd._exceptions import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
+from lossd import _codec
+from lossd._exceptions import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from lossd_server import shared_memory
 from lossd_server.admission import Undecodable, loss_footprint
 from lossd_server.auth import Identify, anonymous
-from lossd_server.batch import decode_batch
+from lossd_server.batch import Payload, decode_batch
 from lossd_server.errors import status_of
 from lossd_server.identifiers import MAX_REQUEST_ID, check_request_id, check_session_name
 from lossd_server.memory import MemoryAccount, Reservation, Unlimited, reserve_async
@@ -62,9 +67,9 @@ def session_message(view: SessionView, owner: str) -> pb.Session:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
     """A LossResponse before its gradient is placed. The replay log keeps this, so a resend on any
-    stream gets the same bytes, inline or written straight into that stream's segment."""
+    transport gets the same numbers, inline on gRPC or written straight into a local segment."""
 
     response: pb.LossResponse  # every field but grad
     grad: torch.Tensor | None  # contiguous, CPU, wire dtype, times 2^grad_exponent; never written to
@@ -76,7 +81,7 @@ class _Answer:
         return self.response.ByteSize() + grad
 
 
-def _inline(answer: _Answer) -> pb.LossResponse:
+def _inline(answer: Answer) -> pb.LossResponse:
     if answer.grad is None:
         return answer.response
     response = pb.LossResponse()
@@ -89,15 +94,16 @@ def _inline(answer: _Answer) -> pb.LossResponse:
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def _fingerprint(request: pb.LossRequest) -> str:
-    """What a resend must repeat, as a string a snapshot can keep; the tensor bytes are not hashed (hot path)."""
+def _fingerprint(request: pb.LossRequest, logits_nbytes: int) -> str:
+    """What a resend must repeat, as a string a snapshot can keep; the tensor bytes are not hashed (hot path).
+    The same on every transport, so a step resent on gRPC after the local socket broke matches."""
     return _COMPACT_JSON.encode(
         [
             request.need_grad,
             request.epoch if request.HasField("epoch") else None,
             request.logits.dtype,
             list(request.logits.shape),
-            shared_memory.tensor_nbytes(request.logits),  # the same whether inline or in shared memory
+            logits_nbytes,
             request.labels.dtype,
             list(request.labels.shape),
         ]
@@ -136,7 +142,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
         identify: Identify = anonymous,
         *,
         on_training_samples: Callable[[int], None] | None = None,
-        shared_memory_limit: int = 512 << 20,
+        local_endpoint: Callable[[str], pb.LocalEndpoint] | None = None,
         inline_math_bytes: int = 0,
         work_memory: MemoryAccount | None = None,
         admission_wait: float = 2.0,
@@ -148,9 +154,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
         # Stream requests with at most this many bytes of logits run on the event loop itself: no
         # hand-off to a worker thread and back. 0: every request goes to the workers.
         self._inline_math_bytes = inline_math_bytes
-        self._shared_memory_limit = shared_memory_limit  # the largest segment a stream may attach; 0: none
-        self.shared_memory_stats = shared_memory.SharedMemoryStats()
-        self._segment = threading.local()  # the shared-memory segment of the stream request this thread runs
+        # Issues a tenant a ticket for the local transport (lossd_server.local_transport); None: no socket.
+        self._local_endpoint = local_endpoint
         self._executor = executor
         self._identify = identify
         # Told the samples of each applied training batch (the metrics); a replayed resend never gets here.
@@ -176,6 +181,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+
+    def serve_local(self, endpoint: Callable[[str], pb.LocalEndpoint]) -> None:
+        """Answer OpenLocal from now on, with ``endpoint(owner)`` (the local transport, once it listens)."""
+        self._local_endpoint = endpoint
 
     @property
     def draining(self) -> bool:
@@ -243,56 +252,42 @@ class LossServicer(pb_grpc.LossServiceServicer):
     # Losses ---------------------------------------------------------------
 
     def _compute(self, owner: str, request: pb.LossRequest) -> pb.LossResponse:
-        answer = self._answer(owner, request)
-        segment: _shm.Segment | None = getattr(self._segment, "current", None)
-        if segment is not None and request.HasField("grad_region") and answer.grad is not None:
-            placed = shared_memory.place_gradient(
-                request, answer.response, answer.grad, segment, self.shared_memory_stats
-            )
-            if placed is not None:
-                return placed
-        return _inline(answer)
+        return _inline(self.answer(owner, request))
 
-    def _answer(self, owner: str, request: pb.LossRequest) -> _Answer:
+    def answer(self, owner: str, request: pb.LossRequest, payload: Payload | None = None) -> Answer:
+        """A loss request on any transport: validated, applied at most once, answered. ``payload``: its
+        tensors when they did not travel in ``request`` (the local transport's segment, a sliced message)."""
         check_session_name(request.session)
         check_request_id(request.request_id)
         session = self._store.get(owner, request.session)
         session.check_rank(request.rank)
         if not (request.training and request.request_id):
-            return self._respond(owner, session, request)  # eval changes no state, so a resend may recompute
-        fingerprint = _fingerprint(request)
+            return self._respond(owner, session, request, payload)  # eval changes no state: a resend recomputes
+        nbytes = len(request.logits.data) if payload is None else payload.logits_nbytes
+        fingerprint = _fingerprint(request, nbytes)
         answer = session.replay.run_once(
             request.rank,
             request.request_id,
             fingerprint,
-            lambda commit: self._respond(owner, session, request, fingerprint, commit=commit),
-            recompute=lambda: self._respond(owner, session, request, count=False),
+            lambda commit: self._respond(owner, session, request, payload, fingerprint, commit=commit),
+            recompute=lambda: self._respond(owner, session, request, payload, count=False),
         )
-        assert isinstance(answer, _Answer)
+        assert isinstance(answer, Answer)
         return answer
-
-    def _compute_shared(self, owner: str, request: pb.LossRequest, segment: _shm.Segment) -> pb.LossResponse:
-        """A stream request with a shared-memory segment attached: tensors read from it, gradient written to it."""
-        if shared_memory.uses_segment(request):
-            self.shared_memory_stats.add("requests")
-        self._segment.current = segment  # read by _compute and _respond, on this worker thread
-        try:
-            return self._compute(owner, request)
-        finally:
-            self._segment.current = None
 
     def _respond(
         self,
         owner: str,
         session: Session,
         request: pb.LossRequest,
+        payload: Payload | None,
         fingerprint: str = "",
         *,
         count: bool = True,
         commit: Commit | None = None,
-    ) -> _Answer:
+    ) -> Answer:
         """``count=False`` answers a resend whose statistics were applied already: same math, no counting."""
-        batch = decode_batch(request, session.spec, getattr(self._segment, "current", None))
+        batch = decode_batch(request, session.spec, payload)
         training = request.training and count
         result = session.compute(
             batch,
@@ -314,10 +309,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             epoch=result.epoch,
         )
         if output.grad is None:
-            return _Answer(response, None)
-        # Encoded only when sent: into a shared-memory segment it goes from this tensor's memory.
+            return Answer(response, None)
+        # Encoded only when sent: into a local segment it goes from this tensor's memory.
         grad, response.grad_exponent = _codec.scale_gradient(output.grad, batch.logits.dtype)
-        return _Answer(response, grad.to("cpu").contiguous())
+        return Answer(response, grad.to("cpu").contiguous())
 
     def _applied(self, owner: str, session: Session, progress: Progress | None, samples: int) -> None:
         """After a batch was applied: the progress log and the metrics, best effort (it is applied either way)."""
@@ -334,33 +329,19 @@ class LossServicer(pb_grpc.LossServiceServicer):
         self, request_iterator: AsyncIterator[pb.LossRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.LossResponse]:
         owner = self._identify(context)  # once: the stream's credentials do not change
-        # This stream's shared memory. Never closed explicitly: a request still computing on a worker
-        # thread may hold it, so its descriptor closes with its last reference (see _shm.Segment).
-        segment: _shm.Segment | None = None
         async for request in request_iterator:
             if isinstance(request, Undecodable):  # answered in band; the stream goes on
                 invalid = request.invalid("LossStream")
                 yield pb.LossResponse(error=pb.Error(code=invalid.code.value[0], message=invalid.message))
                 continue
-            if request.HasField("attach_shared_memory"):  # a control request: replaces the segment
-                response, attached = shared_memory.attach(request, self._shared_memory_limit, self.shared_memory_stats)
-                segment = attached or segment
-                yield response
-                continue
             reservation: Reservation | None = None
             try:
                 # Admitted now that its size is known: its math and its answer must fit the request budget.
                 reservation = await reserve_async(
-                    self._work_memory,
-                    loss_footprint(request, self._shared_memory_limit if segment is not None else 0),
-                    "a LossStream request",
-                    wait=self._admission_wait,
+                    self._work_memory, loss_footprint(request), "a LossStream request", wait=self._admission_wait
                 )
                 inline = self._runs_inline(request)
-                if segment is None:
-                    response = await self._run(self._compute, owner, request, inline=inline)
-                else:
-                    response = await self._run(self._compute_shared, owner, request, segment, inline=inline)
+                response = await self._run(self._compute, owner, request, inline=inline)
             except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
                 response = pb.LossResponse(
@@ -373,12 +354,22 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 if reservation is not None:  # held until the answer is written out
                     reservation.release()
 
+    async def OpenLocal(self, request: pb.OpenLocalRequest, context: aio.ServicerContext) -> pb.LocalEndpoint:
+        owner = self._identify(context)
+        if self._local_endpoint is None:
+            raise FailedPreconditionError(
+                "this server has no local transport (started with --local-socket ''): use the gRPC stream"
+            )
+        if self._draining:
+            raise UnavailableError("the server is shutting down")
+        return self._local_endpoint(owner)
+
     def _runs_inline(self, request: pb.LossRequest) -> bool:
         """Whether a stream request is small enough (--inline-math-bytes) to run on the event loop."""
         if not self._inline_math_bytes:
             return False
         try:  # from the shape, not len(data): that would copy an inline payload out of the message
-            nbytes = _shm.nbytes_of(_codec.torch_dtype(request.logits), list(request.logits.shape))
+            nbytes = math.prod(request.logits.shape) * _codec.torch_dtype(request.logits).itemsize
         except _codec.CodecError:
             return False  # a worker refuses it with the proper message
         return nbytes <= self._inline_math_bytes

@@ -331,14 +331,14 @@ class Session:
         output = self._forward(logits, labels, need_grad, soft_labels)
         if not training:
             return Result(output, current)
-        rows, probs = F.correct_rows(output, labels) if self._ols else (None, None)
+        rows, probs = self._statistics_of(output, labels, batch.shared)
         with self._lock:
             self._check_epoch(epoch, rank, training)
             if generation != self._generation:
                 # The epoch ended or the state was replaced meanwhile (an untagged request):
                 # compute again against the state the statistics will be added to.
                 output = self._forward(logits, labels, need_grad, self._soft_labels_or_none())
-                rows, probs = F.correct_rows(output, labels) if self._ols else (None, None)
+                rows, probs = self._statistics_of(output, labels, batch.shared)
             counts = None
             if rows is not None and probs is not None:
                 counts = self._counts.index_add(0, rows, torch.ones_like(rows))  # a new tensor: nothing changed yet
@@ -347,6 +347,23 @@ class Session:
                 self._accumulator.index_add_(0, rows, probs)
             progress = self._counted(output.n_used, output.n_correct, counts, rank, request, commit)
             return Result(output, self.epoch, self.samples_this_epoch + self.samples_lost, progress)
+
+    def _statistics_of(
+        self, output: F.LossOutput, labels: torch.Tensor, shared: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The correct rows and their softmax that a training batch adds (None, None but for OLS).
+
+        ``shared``: the logits are memory the client can still write, so the finite check before the math
+        proves nothing about what the math read; what would go into the accumulator is checked again.
+        """
+        if not self._ols:
+            return None, None
+        rows, probs = F.correct_rows(output, labels)
+        if shared and probs.numel() and not bool(torch.isfinite(probs).all()):
+            raise InvalidArgumentError(
+                "logits: changed in the segment during the step (NaN or infinity after the check found none)"
+            )
+        return rows, probs
 
     def _check_totals(self, samples: int, counts: torch.Tensor | None) -> None:
         """Under the lock, before anything changes: no total may pass MAX_COUNT (so none can overflow).

@@ -183,112 +183,24 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    SHARED_FIELD_NUMBER: _builtins.int
     dtype: Global___DType.ValueType
     data: _builtins.bytes
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def shared(self) -> Global___SharedRegion:
-        """Same-host shared-memory transport, LossStream only: set instead of data,
-        the bytes are this region of the stream's attached segment.
-        """
-
     def __init__(
         self,
         *,
         dtype: Global___DType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
-        shared: Global___SharedRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["shared", b"shared"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape", "shared", b"shared"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
-
-@_typing.final
-class SharedRegion(_message.Message):
-    """A byte range of a stream's shared-memory segment (see SharedMemoryAttach)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OFFSET_FIELD_NUMBER: _builtins.int
-    NBYTES_FIELD_NUMBER: _builtins.int
-    offset: _builtins.int
-    nbytes: _builtins.int
-    def __init__(
-        self,
-        *,
-        offset: _builtins.int = ...,
-        nbytes: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nbytes", b"nbytes", "offset", b"offset"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SharedRegion: _TypeAlias = SharedRegion  # noqa: Y015
-
-@_typing.final
-class SharedMemoryAttach(_message.Message):
-    """Attaches a client-created POSIX shared-memory segment to a LossStream,
-    replacing any segment attached before. The client wrote nonce at offset 0;
-    the server maps /dev/shm/<name> read/write, checks the nonce, writes its own
-    16 random bytes at offset 16 and returns them, so both sides know they share
-    the memory. A server that cannot (another host or IPC namespace, disabled)
-    answers with an in-band error; the client then sends bytes inline.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    SIZE_FIELD_NUMBER: _builtins.int
-    NONCE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """lossd-[0-9a-f]+, a file directly under /dev/shm"""
-    size: _builtins.int
-    """bytes of the segment"""
-    nonce: _builtins.bytes
-    """16 bytes"""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        size: _builtins.int = ...,
-        nonce: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "nonce", b"nonce", "size", b"size"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SharedMemoryAttach: _TypeAlias = SharedMemoryAttach  # noqa: Y015
-
-@_typing.final
-class SharedMemoryAttached(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NONCE_FIELD_NUMBER: _builtins.int
-    nonce: _builtins.bytes
-    """the 16 bytes the server wrote at offset 16"""
-    def __init__(
-        self,
-        *,
-        nonce: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SharedMemoryAttached: _TypeAlias = SharedMemoryAttached  # noqa: Y015
 
 @_typing.final
 class SessionSpec(_message.Message):
@@ -578,8 +490,6 @@ class LossRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
-    ATTACH_SHARED_MEMORY_FIELD_NUMBER: _builtins.int
-    GRAD_REGION_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     training: _builtins.bool
     """Training requests update the OLS statistics; eval requests never do."""
@@ -604,19 +514,6 @@ class LossRequest(_message.Message):
     def labels(self) -> Global___Tensor:
         """[N] int64 or int32."""
 
-    @_builtins.property
-    def attach_shared_memory(self) -> Global___SharedMemoryAttach:
-        """LossStream only: a control request that attaches a shared-memory segment
-        to the stream; it carries nothing else and computes no loss.
-        """
-
-    @_builtins.property
-    def grad_region(self) -> Global___SharedRegion:
-        """LossStream only, with a segment attached: where the server may write the
-        gradient; LossResponse.grad then references it (grad.shared) instead of
-        carrying data. The server falls back to data when the region is too small.
-        """
-
     def __init__(
         self,
         *,
@@ -628,12 +525,10 @@ class LossRequest(_message.Message):
         request_id: _builtins.str = ...,
         rank: _builtins.int = ...,
         epoch: _builtins.int | None = ...,
-        attach_shared_memory: Global___SharedMemoryAttach | None = ...,
-        grad_region: Global___SharedRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "attach_shared_memory", b"attach_shared_memory", "epoch", b"epoch", "grad_region", b"grad_region", "labels", b"labels", "logits", b"logits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "labels", b"labels", "logits", b"logits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "attach_shared_memory", b"attach_shared_memory", "epoch", b"epoch", "grad_region", b"grad_region", "labels", b"labels", "logits", b"logits", "need_grad", b"need_grad", "rank", b"rank", "request_id", b"request_id", "session", b"session", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch", "labels", b"labels", "logits", b"logits", "need_grad", b"need_grad", "rank", b"rank", "request_id", b"request_id", "session", b"session", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
     _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
@@ -679,7 +574,6 @@ class LossResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     GRAD_EXPONENT_FIELD_NUMBER: _builtins.int
-    SHARED_MEMORY_ATTACHED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     n_used: _builtins.int
     """Samples whose label is not ignore_index."""
@@ -709,10 +603,6 @@ class LossResponse(_message.Message):
     def error(self) -> Global___Error:
         """Set only on the stream, when this request failed; the other fields are then empty."""
 
-    @_builtins.property
-    def shared_memory_attached(self) -> Global___SharedMemoryAttached:
-        """The answer to a LossRequest.attach_shared_memory."""
-
     def __init__(
         self,
         *,
@@ -724,11 +614,10 @@ class LossResponse(_message.Message):
         epoch: _builtins.int = ...,
         error: Global___Error | None = ...,
         grad_exponent: _builtins.int = ...,
-        shared_memory_attached: Global___SharedMemoryAttached | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "grad", b"grad", "loss", b"loss", "shared_memory_attached", b"shared_memory_attached"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "grad", b"grad", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "error", b"error", "grad", b"grad", "grad_exponent", b"grad_exponent", "loss", b"loss", "n_correct", b"n_correct", "n_used", b"n_used", "request_id", b"request_id", "shared_memory_attached", b"shared_memory_attached"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "error", b"error", "grad", b"grad", "grad_exponent", b"grad_exponent", "loss", b"loss", "n_correct", b"n_correct", "n_used", b"n_used", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -967,3 +856,71 @@ class StatisticsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
 
 Global___StatisticsRequest: _TypeAlias = StatisticsRequest  # noqa: Y015
+
+@_typing.final
+class OpenLocalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenLocalRequest: _TypeAlias = OpenLocalRequest  # noqa: Y015
+
+@_typing.final
+class LocalEndpoint(_message.Message):
+    """How to reach this server's same-host data plane (docs/local-transport.md):
+    a Unix SOCK_SEQPACKET socket on which a client hands over a sealed memfd
+    segment with SCM_RIGHTS, then exchanges one fixed binary header per step.
+    Tenant authentication stays on gRPC: the socket accepts a connection only
+    with a ticket from this call, valid once and for ticket_ttl_seconds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    TICKET_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    MAX_SEGMENT_BYTES_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    socket_path: _builtins.str
+    """The socket's path as the server sees it. A client in another mount
+    namespace (a container sharing the socket's volume) may reach it under
+    another path (LOSSD_LOCAL_SOCKET on the client).
+    """
+    ticket: _builtins.bytes
+    """32 random bytes."""
+    ticket_ttl_seconds: _builtins.float
+    boot_id: _builtins.str
+    """The server's /proc/sys/kernel/random/boot_id: a client whose boot id
+    differs runs on another host (or kernel) and must use the gRPC stream.
+    """
+    max_segment_bytes: _builtins.int
+    """The largest segment the server maps (its --request-memory-bytes); a
+    larger one is RESOURCE_EXHAUSTED.
+    """
+    protocol_version: _builtins.int
+    """The wire protocol version the socket speaks."""
+    def __init__(
+        self,
+        *,
+        socket_path: _builtins.str = ...,
+        ticket: _builtins.bytes = ...,
+        ticket_ttl_seconds: _builtins.float = ...,
+        boot_id: _builtins.str = ...,
+        max_segment_bytes: _builtins.int = ...,
+        protocol_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "max_segment_bytes", b"max_segment_bytes", "protocol_version", b"protocol_version", "socket_path", b"socket_path", "ticket", b"ticket", "ticket_ttl_seconds", b"ticket_ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalEndpoint: _TypeAlias = LocalEndpoint  # noqa: Y015

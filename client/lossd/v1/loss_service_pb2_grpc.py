@@ -94,6 +94,11 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.Session.FromString,
                 _registered_method=True)
+        self.OpenLocal = channel.unary_unary(
+                '/lossd.v1.LossService/OpenLocal',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.OpenLocalRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.LocalEndpoint.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -180,6 +185,14 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenLocal(self, request, context):
+        """The same-host data plane: a ticket and the socket to use it on.
+        FAILED_PRECONDITION when the server runs without one (--local-socket "").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +255,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.AddStatistics,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.Session.SerializeToString,
+            ),
+            'OpenLocal': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLocal,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.OpenLocalRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.LocalEndpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -568,6 +586,33 @@ class LossService:
             '/lossd.v1.LossService/AddStatistics',
             lossd_dot_v1_dot_loss__service__pb2.StatisticsRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/OpenLocal',
+            lossd_dot_v1_dot_loss__service__pb2.OpenLocalRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.LocalEndpoint.FromString,
             options,
             channel_credentials,
             insecure,
