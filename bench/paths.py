@@ -1,7 +1,12 @@
-"""The timed paths. Each makes a step (one forward+backward, or the server's fused equivalent) for a shape.
+"""The timed paths. Each makes a step (one forward+backward, the server's fused equivalent, or one
+bare gRPC round trip) for a shape.
 
 A path that the installed client does not support raises :class:`Unavailable` with
 the reason, and the table says so instead of a figure.
+
+Paths belong to one of two sections (:attr:`Path.per_byte`): the OLS paths run on the harness's
+``--shapes``; the per-byte paths (label smoothing, bfloat16 wire) run on ``--per-byte-shapes``,
+shapes whose C x C OLS state would not fit (see :mod:`bench.harness`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import torch
 import torch.nn.functional as F
 
 import lossd
-from bench.baseline import AutogradOLS
+from bench.baseline import ReferenceOLS
+from bench.echo_server import EchoStream
 from lossd import functional as LF
 
 ALPHA = 0.5
 SMOOTHING = 0.1
+LABEL_BYTES = 8  # the labels travel as int64
 
 
 class Unavailable(Exception):
@@ -31,9 +38,10 @@ class Unavailable(Exception):
 @dataclass
 class Context:
     device: torch.device
-    target: str | None  # the child server's address; None: no remote paths
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # --shm-kwargs / --cached-kwargs overrides
+    target: str | None  # the lossd child server's address; None: no remote paths
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # --local/--stream/--cached-kwargs overrides
     compile_math: bool = False  # server_math through torch.compile (--compile-math)
+    echo_target: str | None = None  # the echo child server's address; None: no echo paths
 
 
 @dataclass
@@ -41,7 +49,7 @@ class Step:
     run: Callable[[], None]
     close: Callable[[], None] = lambda: None
     kwargs: dict[str, Any] = field(default_factory=dict)  # the client options the path used
-    note: Callable[[], str] | None = None  # read after timing, e.g. whether shared memory was really used
+    note: Callable[[], str] | None = None  # read after timing, e.g. which transport was really used
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Path:
     name: str
     description: str
     make: Callable[[Context, int, int], Step]
+    per_byte: bool = False  # runs on --per-byte-shapes instead of --shapes
 
 
 def batch(
@@ -58,8 +67,15 @@ def batch(
     so the OLS statistics update does real work."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, c, (n,), generator=generator)
-    logits = torch.randn(n, c, generator=generator) + 3 * F.one_hot(labels, c)
+    logits = torch.randn(n, c, generator=generator)
+    logits[torch.arange(n), labels] += 3.0
     return logits.to(device=device, dtype=dtype).requires_grad_(), labels.to(device)
+
+
+def wire_bytes(n: int, c: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(request, response) payload bytes of one training step: logits and int64 labels, then the gradient."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return n * c * element + n * LABEL_BYTES, n * c * element
 
 
 def _backward_step(logits: torch.Tensor, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -75,14 +91,14 @@ def torch_ls(ctx: Context, n: int, c: int) -> Step:
     return Step(_backward_step(logits, lambda: F.cross_entropy(logits, labels, label_smoothing=SMOOTHING)))
 
 
-def autograd_ols(ctx: Context, n: int, c: int) -> Step:
+def reference_ols(ctx: Context, n: int, c: int) -> Step:
     logits, labels = batch(n, c, ctx.device)
-    module = AutogradOLS(ALPHA, c, SMOOTHING, device=ctx.device).train()
+    module = ReferenceOLS(ALPHA, c, SMOOTHING).to(ctx.device).train()
     return Step(_backward_step(logits, lambda: module(logits, labels)))
 
 
 def server_math(ctx: Context, n: int, c: int) -> Step:
-    """What the server does per training request, in-process, without RPC or decoding:
+    """What the server does per OLS training request, in-process, without RPC or decoding:
     the fused loss + gradient, then the statistics update (session.compute)."""
     logits, labels = batch(n, c, ctx.device)
     z = logits.detach()
@@ -99,14 +115,21 @@ def server_math(ctx: Context, n: int, c: int) -> Step:
     return Step(run)
 
 
-# Client options that may exist (other issues add them): the first keyword the client
-# accepts wins; --shm-kwargs / --cached-kwargs (JSON) override the guess.
-SHM_CANDIDATES: tuple[dict[str, Any], ...] = (
-    {"shared_memory": True},
-    {"transport": "shm"},
-    {"transport": "shared_memory"},
-    {"shm": True},
-)
+def ls_server_math(ctx: Context, n: int, c: int) -> Step:
+    """What the server does per label-smoothing request (session._forward for a ``LabelSmoothingLoss``
+    session: 1 - eps on the target, eps / (C - 1) elsewhere), on the bfloat16 logits it decodes:
+    loss and gradient in float32. No statistics (label smoothing keeps none), no gradient cast."""
+    logits, labels = batch(n, c, ctx.device, torch.bfloat16)
+    z = logits.detach()
+
+    def run() -> None:
+        LF.smoothed_cross_entropy(z, labels, smoothing=SMOOTHING, convention="off_target", compiled=ctx.compile_math)
+
+    return Step(run)
+
+
+# The epoch-cached mode's keyword: the first one the client accepts wins; --cached-kwargs (JSON)
+# overrides the guess.
 CACHED_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"mode": "cached"},
     {"mode": "epoch_cached"},
@@ -126,52 +149,101 @@ def accepted_keywords() -> set[str]:
     return names
 
 
-def client_option(kind: str, ctx: Context) -> dict[str, Any]:
-    """The keyword arguments that turn on ``kind`` ('shm' or 'cached'), or Unavailable."""
+def _override(kind: str, ctx: Context) -> dict[str, Any] | None:
+    """--KIND-kwargs, else $LOSSD_BENCH_KIND_KWARGS (JSON), else None."""
     if kind in ctx.options:
         return ctx.options[kind]
     env = os.environ.get(f"LOSSD_BENCH_{kind.upper()}_KWARGS")
-    if env:
-        return dict(json.loads(env))
+    return dict(json.loads(env)) if env else None
+
+
+def local_option(ctx: Context) -> dict[str, Any]:
+    """The keyword arguments of the same-host local transport (Unix socket + sealed memfd), or Unavailable."""
+    override = _override("local", ctx)
+    if override is not None:
+        return override
+    if "transport" in accepted_keywords():
+        return {"transport": "local"}
+    raise Unavailable("the client has no transport= keyword yet (pass --local-kwargs JSON once it has one)")
+
+
+def grpc_option(ctx: Context) -> dict[str, Any]:
+    """The keyword arguments that keep the tensors on the gRPC LossStream: ``transport="grpc"``; a client
+    without ``transport`` gets ``shared_memory=False`` where it has that (its same-host default), else nothing."""
+    override = _override("stream", ctx)
+    if override is not None:
+        return override
     accepted = accepted_keywords()
-    for candidate in SHM_CANDIDATES if kind == "shm" else CACHED_CANDIDATES:
+    if "transport" in accepted:
+        return {"transport": "grpc"}
+    return {"shared_memory": False} if "shared_memory" in accepted else {}
+
+
+def cached_option(ctx: Context) -> dict[str, Any]:
+    """The keyword arguments of the epoch-cached mode, or Unavailable."""
+    override = _override("cached", ctx)
+    if override is not None:
+        return override
+    accepted = accepted_keywords()
+    for candidate in CACHED_CANDIDATES:
         if set(candidate) <= accepted:
             return candidate
-    what = "shared-memory transport" if kind == "shm" else "epoch-cached mode"
-    raise Unavailable(f"the client has no {what} option (pass --{kind}-kwargs JSON once it has one)")
+    raise Unavailable("the client has no epoch-cached mode option (pass --cached-kwargs JSON once it has one)")
 
 
-def stream_option(ctx: Context) -> dict[str, Any]:
-    """Keyword arguments that keep the tensors on the stream (TCP): shared memory, where the client
-    has it, is on by default on the same host, so the TCP paths turn it off."""
-    if "stream" in ctx.options:
-        return ctx.options["stream"]
-    return {"shared_memory": False} if "shared_memory" in accepted_keywords() else {}
+def _transport_note(module: lossd.nn.RemoteLoss, wanted: str) -> str:
+    """Which transport the module really used, where it says (``module.transport``)."""
+    try:
+        used = module.transport
+    except AttributeError:
+        return "transport not observable (the module has no .transport)"
+    except Exception as error:  # a property that fails tells something too
+        return f"module.transport failed: {type(error).__name__}: {error}"
+    return f"transport {used!r}" + ("" if used == wanted else f" (NOT {wanted!r})")
 
 
-def _shm_note(module: lossd.OnlineLabelSmoothing) -> str:
-    """Whether the module's stream really attached a shared-memory segment (best effort: private attributes)."""
-    stream = getattr(getattr(module.client, "_connection", None), "_stream", None)
-    if stream is None or not hasattr(stream, "shm_attaches"):
-        return "shared-memory use not observable"
-    if getattr(stream, "shm_segment", None) is not None or stream.shm_attaches:
-        return "shared memory attached"
-    return f"shared memory NOT used: {getattr(stream, 'shm_refusal', None) or 'no segment'}"
+def _remote(
+    dtype: torch.dtype, option: Callable[[Context], dict[str, Any]], wanted: str | None = None
+) -> Callable[[Context, int, int], Step]:
+    """An OLS module on the lossd child server; ``wanted``: the transport the note checks."""
 
-
-def _remote(dtype: torch.dtype, option: str | None = None) -> Callable[[Context, int, int], Step]:
     def make(ctx: Context, n: int, c: int) -> Step:
         if ctx.target is None:
             raise Unavailable("no server (remote paths not requested)")
-        extra = client_option(option, ctx) if option else stream_option(ctx)
+        extra = option(ctx)
         logits, labels = batch(n, c, ctx.device, dtype)
         try:
             module = lossd.OnlineLabelSmoothing(ALPHA, c, SMOOTHING, target=ctx.target, **extra)
         except TypeError as error:  # a guessed keyword that means something else
             raise Unavailable(f"OnlineLabelSmoothing(**{extra}) failed: {error}") from error
         module.train()
-        note = (lambda: _shm_note(module)) if option == "shm" else None
+        note = (lambda: _transport_note(module, wanted)) if wanted else None
         return Step(_backward_step(logits, lambda: module(logits, labels)), module.close, extra, note)
+
+    return make
+
+
+def remote_ls_bf16(ctx: Context, n: int, c: int) -> Step:
+    if ctx.target is None:
+        raise Unavailable("no server (remote paths not requested)")
+    extra = grpc_option(ctx)
+    logits, labels = batch(n, c, ctx.device, torch.bfloat16)
+    try:
+        module = lossd.LabelSmoothingLoss(c, SMOOTHING, target=ctx.target, **extra)
+    except TypeError as error:
+        raise Unavailable(f"LabelSmoothingLoss(**{extra}) failed: {error}") from error
+    return Step(_backward_step(logits, lambda: module(logits, labels)), module.close, extra)
+
+
+def _echo(dtype: torch.dtype) -> Callable[[Context, int, int], Step]:
+    """One round trip on an open stream to the bare echo server: a training request's bytes out, a gradient's back."""
+
+    def make(ctx: Context, n: int, c: int) -> Step:
+        if ctx.echo_target is None:
+            raise Unavailable("no echo server (echo paths not requested)")
+        request, response = wire_bytes(n, c, dtype)
+        stream = EchoStream(ctx.echo_target, request, response)
+        return Step(stream.round_trip, stream.close, note=lambda: f"{request} B out, {response} B back per step")
 
     return make
 
@@ -180,24 +252,52 @@ PATHS: dict[str, Path] = {
     path.name: path
     for path in (
         Path("torch_ls", "torch F.cross_entropy(label_smoothing=0.1) fwd+bwd, local", torch_ls),
-        Path("autograd_ols", "autograd OLS module fwd+bwd (bench/baseline.py), local", autograd_ols),
+        Path(
+            "reference_ols",
+            "the reference OLS module (ankandrew/online-label-smoothing-pt), fwd+bwd",
+            reference_ols,
+        ),
         Path("server_math", "lossd.functional fused OLS loss+grad+stats, in-process, no RPC", server_math),
         Path(
+            "remote_local",
+            "lossd.OnlineLabelSmoothing fwd+bwd, transport='local' (Unix socket + memfd), float32",
+            _remote(torch.float32, local_option, "local"),
+        ),
+        Path(
             "remote_f32",
-            "lossd.OnlineLabelSmoothing fwd+bwd, TCP loopback stream, float32 wire",
-            _remote(torch.float32),
+            "lossd.OnlineLabelSmoothing fwd+bwd, transport='grpc' (TCP loopback stream), float32 wire",
+            _remote(torch.float32, grpc_option),
         ),
         Path(
             "remote_bf16",
-            "lossd.OnlineLabelSmoothing fwd+bwd, TCP loopback stream, bfloat16 wire",
-            _remote(torch.bfloat16),
+            "lossd.OnlineLabelSmoothing fwd+bwd, transport='grpc' (TCP loopback stream), bfloat16 wire",
+            _remote(torch.bfloat16, grpc_option),
+        ),
+        Path("grpc_echo", "bare gRPC bytes echo on one stream, float32 request/gradient sizes", _echo(torch.float32)),
+        Path(
+            "cached",
+            "lossd.OnlineLabelSmoothing fwd+bwd, epoch-cached client mode",
+            _remote(torch.float32, cached_option),
         ),
         Path(
-            "remote_shm", "lossd.OnlineLabelSmoothing fwd+bwd, shared-memory transport", _remote(torch.float32, "shm")
+            "ls_server_math",
+            "lossd.functional label-smoothing loss+grad of bfloat16 logits, in-process, no RPC",
+            ls_server_math,
+            per_byte=True,
         ),
         Path(
-            "cached", "lossd.OnlineLabelSmoothing fwd+bwd, epoch-cached client mode", _remote(torch.float32, "cached")
+            "remote_ls_bf16",
+            "lossd.LabelSmoothingLoss fwd+bwd, transport='grpc' (TCP loopback stream), bfloat16 wire",
+            remote_ls_bf16,
+            per_byte=True,
+        ),
+        Path(
+            "grpc_echo_bf16",
+            "bare gRPC bytes echo on one stream, bfloat16 request/gradient sizes",
+            _echo(torch.bfloat16),
+            per_byte=True,
         ),
     )
 }
-REMOTE = frozenset({"remote_f32", "remote_bf16", "remote_shm", "cached"})
+REMOTE = frozenset({"remote_local", "remote_f32", "remote_bf16", "cached", "remote_ls_bf16"})
+ECHO = frozenset({"grpc_echo", "grpc_echo_bf16"})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -27,6 +30,10 @@ TEST_DEVICE = os.environ.get("LOSSD_TEST_DEVICE", "cpu")
 # Servers a test starts without choosing a store keep their sessions in memory, so no
 # test writes to the real state directory (~/.local/state/lossd) or sees another's sessions.
 os.environ["LOSSD_STORE"] = "memory"
+# ... and their default local-transport sockets (lossd-PORT.sock in the state directory) go here, too.
+_STATE_DIR = tempfile.mkdtemp(prefix="lossd-tests-")
+os.environ["LOSSD_STATE_DIR"] = _STATE_DIR
+atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

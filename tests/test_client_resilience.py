@@ -49,7 +49,8 @@ def test_a_stream_timeout_raises_and_the_next_call_gets_its_own_answer(
 def test_broken_streams_do_not_leak_reader_threads() -> None:
     baseline = _readers()
     settings = Settings(port=0, device="cpu", max_message_bytes=4 << 20)
-    with EmbeddedServer(settings) as server, lossd.Client(server.target) as client:
+    # The gRPC stream: the local transport has no message limit to break it (its segment can hold more).
+    with EmbeddedServer(settings) as server, lossd.Client(server.target, transport="grpc") as client:
         client.create_session("big", lossd.SessionSpec(kind="cross_entropy", n_classes=1000))
         too_big, labels = torch.randn(1200, 1000), torch.zeros(1200, dtype=torch.long)
         for _ in range(5):  # each oversized request breaks its stream; the next call opens a new one

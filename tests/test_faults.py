@@ -35,6 +35,12 @@ from lossd_server.embedded import EmbeddedServer
 from lossd_server.servicer import LossServicer
 from tests.tcp_proxy import TcpProxy
 
+
+@pytest.fixture(autouse=True)
+def _steps_over_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The faults are cuts and pauses of a TCP proxy: every step must cross it, not the local socket."""
+    monkeypatch.setenv("LOSSD_TRANSPORT", "grpc")
+
 C, N = 50, 256
 ALPHA, EPS = 0.5, 0.1
 REQUEST_BYTES = N * C * 4 + N * 8  # logits and labels, before framing
@@ -172,8 +178,8 @@ def train_step(
 
 
 def ols(proxy: TcpProxy, name: str, **connection: Any) -> lossd.OnlineLabelSmoothing:
-    # The cuts fall at byte offsets inside tensors, so the tensors must cross the socket (not shared memory).
-    connection.setdefault("shared_memory", False)
+    # The cuts fall at byte offsets inside tensors, so the tensors must cross the TCP socket (not the local one).
+    connection.setdefault("transport", "grpc")
     return lossd.OnlineLabelSmoothing(ALPHA, C, EPS, session=name, target=proxy.target, **connection)
 
 

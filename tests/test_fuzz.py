@@ -3,8 +3,8 @@
 Requests go through the generated stubs over a raw ``grpc.insecure_channel`` (no lossd.Client, so
 nothing is validated or retried on the way). Most are valid requests for one of a few fixed sessions
 with up to three fields mutated (wrong dtypes, shapes and data lengths, NaN, infinities and 1e300,
-counters near 2^53 and 2^63, long, empty and non-ASCII strings, unknown enum values, missing fields,
-shared-memory regions without a segment), after up to two calls that move the session away from its
+counters near 2^53 and 2^63, long, empty and non-ASCII strings, unknown enum values, missing fields),
+after up to two calls that move the session away from its
 initial state (a LoadState of counters near their limits, a training batch, one rank's NextEpoch);
 the rest are byte-level messages: random protobuf wire format, mutated serialisations, random bytes.
 
@@ -205,8 +205,6 @@ def describe(message: Any) -> str:
                 parts.append(f"values=[{', '.join(f'{v:.9g}' if isinstance(v, float) else str(v) for v in values)}]")
         elif message.data:
             parts.append(f"data=<{len(message.data)} bytes>")
-        if message.HasField("shared"):
-            parts.append(f"shared={describe(message.shared)}")
         return f"Tensor({', '.join(parts)})"
     parts = []
     for fd, value in message.ListFields():
@@ -349,7 +347,6 @@ def mutated_tensor(
                 "missing",
                 "empty",
                 "float64-values",
-                "shared",
                 "random",
             ]
         )
@@ -384,13 +381,6 @@ def mutated_tensor(
         delta = draw(st.integers(1, 9))
         data = data[:-delta] if data and draw(st.booleans()) else data + bytes(delta)
         return raw_tensor(dtype, shape, data)
-    if how == "shared":
-        region = pb.SharedRegion(offset=draw(odd_ints), nbytes=draw(odd_ints))
-        message = tensor(dtype, shape, values)
-        if draw(st.booleans()):
-            message.ClearField("data")
-        message.shared.CopyFrom(region)
-        return message
     return raw_tensor(draw(odd_enums), draw(st.lists(st.integers(-1, 9), max_size=3)), draw(st.binary(max_size=64)))
 
 
@@ -490,13 +480,10 @@ def valid_batch(draw: st.DrawFn, fixed: Fixed) -> tuple[int, list[float], int, l
     return draw(st.sampled_from(FLOAT_DTYPES)), logits, draw(st.sampled_from(INT_DTYPES)), labels
 
 
-# No such segment exists: an attach is refused in-band (the names are checked, then the file opened).
-SEGMENT_NAMES = ("lossd-0", "lossd-deadbeef", "lossd-", "../etc/passwd")
-
 
 @st.composite
 def loss_request(draw: st.DrawFn, fixed: Fixed) -> pb.LossRequest:
-    fields = ["session", "logits", "labels", "request_id", "rank", "epoch", "attach", "grad_region", "shared"]
+    fields = ["session", "logits", "labels", "request_id", "rank", "epoch"]
     mutate = _pick(draw, fields)
     logits_dtype, logits, labels_dtype, labels = draw(valid_batch(fixed))
     n = len(labels)
@@ -513,20 +500,6 @@ def loss_request(draw: st.DrawFn, fixed: Fixed) -> pb.LossRequest:
         request.epoch = draw(odd_ints)
     elif draw(st.booleans()):
         request.epoch = 0  # each example starts at epoch 0
-    if "attach" in mutate:
-        request.attach_shared_memory.CopyFrom(
-            pb.SharedMemoryAttach(
-                name=draw(st.one_of(st.sampled_from(SEGMENT_NAMES), odd_strings)),
-                size=draw(odd_ints),
-                nonce=draw(st.binary(max_size=20)),
-            )
-        )
-    if "grad_region" in mutate:
-        request.grad_region.CopyFrom(pb.SharedRegion(offset=draw(odd_ints), nbytes=draw(odd_ints)))
-    if "shared" in mutate:  # tensors in a shared-memory segment, which no request here attaches
-        for name in draw(st.sets(st.sampled_from(["logits", "labels"]), min_size=1)):
-            region = getattr(request, name).shared
-            region.offset, region.nbytes = draw(odd_ints), draw(odd_ints)
     return request
 
 

@@ -96,7 +96,7 @@ def test_a_node_client_trains_two_epochs_with_the_python_clients_numbers(
 
     python = f"{session_name}-python"
     with lossd.OnlineLabelSmoothing(
-        ALPHA, C, SMOOTHING, target=server.target, session=python, shared_memory=False
+        ALPHA, C, SMOOTHING, target=server.target, session=python, transport="grpc"
     ) as module:
         expected = []
         for epoch in _batches():

@@ -289,8 +289,8 @@ def encode_loss_request(request: pb.LossRequest, logits: torch.Tensor, labels: t
 def encode_loss_response(response: pb.LossResponse, grad: torch.Tensor | None) -> bytes:
     """``response`` with ``grad`` (already in its wire dtype) set, serialised, copying the gradient once.
 
-    With ``grad`` None, just ``response`` serialised (whose own grad, e.g. a shared-memory
-    reference, is kept); otherwise ``response`` must not have a grad. Byte-identical to
+    With ``grad`` None, just ``response`` serialised (a grad it has of its own, without
+    data, is kept); otherwise ``response`` must not have a grad. Byte-identical to
     protobuf's deterministic serialisation of the same message.
     """
     serialized = response.SerializeToString(deterministic=True)
@@ -441,7 +441,7 @@ def decode_tensor(message: pb.Tensor, data: memoryview, field: str = "tensor") -
     """:func:`_codec.decode` with the payload given apart: a read-only CPU tensor viewing ``data``, not a copy."""
     dtype = _codec.torch_dtype(message, field)
     shape = tuple(message.shape)
-    if shape and min(shape) < -1:
+    if shape and min(shape) < 0:
         raise _codec.CodecError(field, f"negative dimension in shape {list(shape)}")
     count = math.prod(shape)
     itemsize = _ITEMSIZE[dtype]

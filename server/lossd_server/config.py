@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     local_socket: str | None = Field(
         None,
         description="Unix socket of the same-host data plane (tensors in a sealed memfd, one header per step). "
-        "Default: lossd.sock in --state-dir; '' serves without one (clients then use the gRPC stream).",
+        "Default: lossd-PORT.sock in --state-dir; '' serves without one (clients then use the gRPC stream).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -142,10 +142,11 @@ class Settings(BaseSettings):
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(base) / "lossd"
 
-    @property
-    def resolved_local_socket(self) -> Path | None:
+    def local_socket_path(self, port: int) -> Path | None:
+        """The local transport's socket for a server on ``port``; None when disabled. The default is named
+        after the port, so servers sharing a state directory (memory stores, say) never share a socket."""
         if self.local_socket is None:
-            return self.resolved_state_dir / "lossd.sock"
+            return self.resolved_state_dir / f"lossd-{port}.sock"
         return Path(self.local_socket) if self.local_socket.strip() else None
 
     @field_validator("device")
