@@ -168,16 +168,15 @@ class _EndedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         return False
 
 
-class _EndedStub:
-    def LossStream(self, requests: object) -> _EndedCall:
-        return _EndedCall()
+def _ended_stream(requests: object) -> _EndedCall:
+    return _EndedCall()
 
 
 def test_a_stream_that_ended_while_idle_reports_the_servers_error_not_a_generic_one() -> None:
-    stream = LossStream(_EndedStub(), timeout=5)  # type: ignore[arg-type]
+    stream = LossStream(_ended_stream, timeout=5)
     _wait_for_readers(0)
     with pytest.raises(lossd.PermissionDeniedError, match="token revoked"):
-        stream.call(pb.LossRequest(request_id="r1"))
+        stream.call_tensors(pb.LossRequest(request_id="r1"), torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64))
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")

@@ -41,6 +41,7 @@ def _steps_over_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
     """The faults are cuts and pauses of a TCP proxy: every step must cross it, not the local socket."""
     monkeypatch.setenv("LOSSD_TRANSPORT", "grpc")
 
+
 C, N = 50, 256
 ALPHA, EPS = 0.5, 0.1
 REQUEST_BYTES = N * C * 4 + N * 8  # logits and labels, before framing
@@ -93,14 +94,14 @@ class ServerSpy:
 @pytest.fixture()
 def spy(monkeypatch: pytest.MonkeyPatch) -> ServerSpy:
     recorded = ServerSpy()
-    compute_loss = LossServicer._compute
+    answer = LossServicer.answer
     compute = session_module.Session.compute
     arrive = session_module.Session.arrive
 
-    def spied_compute_loss(self: LossServicer, owner: str, request: pb.LossRequest) -> pb.LossResponse:
+    def spied_answer(self: LossServicer, owner: str, request: pb.LossRequest, *payload: Any) -> Any:
         with recorded.lock:
             recorded.loss_requests.setdefault(request.session, []).append(request.request_id)
-        return compute_loss(self, owner, request)
+        return answer(self, owner, request, *payload)
 
     def spied_compute(self: session_module.Session, *args: Any, **kwargs: Any) -> Any:
         result = compute(self, *args, **kwargs)
@@ -114,7 +115,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> ServerSpy:
             recorded.epoch_calls[self.name] += 1
         return arrive(self, *args, **kwargs)
 
-    monkeypatch.setattr(LossServicer, "_compute", spied_compute_loss)
+    monkeypatch.setattr(LossServicer, "answer", spied_answer)
     monkeypatch.setattr(session_module.Session, "compute", spied_compute)
     monkeypatch.setattr(session_module.Session, "arrive", spied_arrive)
     return recorded

@@ -480,7 +480,6 @@ def valid_batch(draw: st.DrawFn, fixed: Fixed) -> tuple[int, list[float], int, l
     return draw(st.sampled_from(FLOAT_DTYPES)), logits, draw(st.sampled_from(INT_DTYPES)), labels
 
 
-
 @st.composite
 def loss_request(draw: st.DrawFn, fixed: Fixed) -> pb.LossRequest:
     fields = ["session", "logits", "labels", "request_id", "rank", "epoch"]

@@ -22,6 +22,7 @@ from lossd import _codec
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server import progress as progress_module
+from lossd_server import admission as admission_module
 from lossd_server import servicer as servicer_module
 from lossd_server import session as session_module
 from lossd_server.embedded import EmbeddedServer
@@ -256,7 +257,7 @@ APPLY_STEPS: list[tuple[Any, str, str]] = [
     (progress_module.ProgressFiles, "record", "before"),
     (servicer_module.LossServicer, "_applied", "before"),
     (servicer_module._codec, "scale_gradient", "before"),
-    (servicer_module, "_inline", "before"),
+    (admission_module, "serialize_loss_response", "before"),
 ]
 
 

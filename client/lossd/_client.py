@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from lossd import _codec
+from lossd import _codec, _wire
 from lossd._auth import BearerToken
 from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, ClientConfig, TLSConfig
 from lossd._exceptions import (
@@ -38,6 +38,8 @@ from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
 R = TypeVar("R")
 log = logging.getLogger("lossd")
+_LOSS_STREAM = "/lossd.v1.LossService/LossStream"
+_COMPUTE_LOSS = "/lossd.v1.LossService/ComputeLoss"
 # After the local transport could not be reached (a server restarting, say), "auto" steps go over gRPC
 # for this long before they try the socket again.
 LOCAL_RETRY_SECONDS = 10.0
@@ -58,14 +60,14 @@ class _Connection:
         self.transport: str | None = None  # what the last step used
         self.lock = threading.Lock()
 
-    def stream(self, stub: pb_grpc.LossServiceStub, timeout: float | None) -> LossStream:
+    def stream(self, open_call: Any, timeout: float | None) -> LossStream:
         with self.lock:
             if self.closed:
                 raise RuntimeError("this lossd.Client is closed")
             if self._stream is None or not self._stream.usable:
                 if self._stream is not None:
                     self._stream.close()  # ends its watchdog thread
-                self._stream = LossStream(stub, timeout)
+                self._stream = LossStream(open_call, timeout)
             return self._stream
 
     def close(self) -> None:
@@ -139,6 +141,10 @@ class Client:
         token = self.config.token
         calls = channel if token is None else grpc.intercept_channel(channel, BearerToken(token))
         self._stub = pb_grpc.LossServiceStub(calls)  # type: ignore[no-untyped-call]
+        # The loss methods take bytes built by lossd._wire (the tensors copied once) and answer
+        # lossd._wire.ReceivedResponse (the gradient a view of the received bytes).
+        self._loss_stream = calls.stream_stream(_LOSS_STREAM, response_deserializer=_wire.decode_loss_response)
+        self._compute_loss = calls.unary_unary(_COMPUTE_LOSS, response_deserializer=_wire.decode_loss_response)
         self._connection = _Connection(channel)
         # Closes the channel and the stream even when a client is dropped without close().
         self._finalizer = weakref.finalize(self, self._connection.close)
@@ -316,8 +322,9 @@ class Client:
         resend after UNAVAILABLE keeps the request id, so it is applied once.
         """
         if not stream:
-            request = self._loss_request(session, logits, labels, training, need_grad, request_id, rank, epoch)
-            return LossResult.from_proto(self._call(self._stub.ComputeLoss, request))
+            request = self._loss_request(session, None, None, training, need_grad, request_id, rank, epoch)
+            data = _wire.encode_loss_request(request, logits, labels)
+            return LossResult.from_received(self._call(self._compute_loss, data))
         # Each attempt fills the tensors in: a resend may go over another transport than the first try.
         request = self._loss_request(session, None, None, training, need_grad, request_id, rank, epoch)
         return self.config.retry.run(lambda: self._step(request, logits, labels), self.target)
@@ -330,9 +337,13 @@ class Client:
             result = local.step(request, logits, labels)
             self._used("local", local.socket_path)
             return result
-        response = self._connection.stream(self._stub, self.config.timeout).call_tensors(request, logits, labels)
+        result = self._open_stream().call_tensors(request, logits, labels)
         self._used("grpc", self._connection.local_refusal or f"transport={self.config.transport!r}")
-        return LossResult.from_proto(response)
+        return result
+
+    def _open_stream(self) -> LossStream:
+        self._check_open()
+        return self._connection.stream(self._loss_stream, self.config.timeout)
 
     @property
     def transport(self) -> str:
@@ -390,9 +401,7 @@ class Client:
     def _attach(self, needed: int) -> LocalChannel:
         """A ticket over gRPC (so the tenant's credentials decide), then the segment over the socket."""
         endpoint = self._call_once(self._stub.OpenLocal, pb.OpenLocalRequest(), self.config.timeout)
-        return LocalChannel.open(
-            endpoint, needed, socket_path=self.config.local_socket, timeout=self.config.timeout
-        )
+        return LocalChannel.open(endpoint, needed, socket_path=self.config.local_socket, timeout=self.config.timeout)
 
     # Lifecycle --------------------------------------------------------------
 

@@ -68,7 +68,9 @@ class LocalChannel:
         a refusal by the server raises its status (UNAUTHENTICATED, RESOURCE_EXHAUSTED, ...).
         """
         if endpoint.protocol_version != wire.PROTOCOL_VERSION:
-            raise LocalUnavailable(f"the server speaks local protocol {endpoint.protocol_version}, not {wire.PROTOCOL_VERSION}")
+            raise LocalUnavailable(
+                f"the server speaks local protocol {endpoint.protocol_version}, not {wire.PROTOCOL_VERSION}"
+            )
         if endpoint.boot_id and endpoint.boot_id != boot_id():
             raise LocalUnavailable("the server runs on another host (its boot id differs)")
         path = socket_path or endpoint.socket_path
@@ -91,7 +93,9 @@ class LocalChannel:
         try:
             fd = wire.create_segment(size)
             segment = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            socket.send_fds(connection, [wire.ATTACH.pack(wire.ATTACH_MAGIC, wire.PROTOCOL_VERSION, size, endpoint.ticket)], [fd])
+            socket.send_fds(
+                connection, [wire.ATTACH.pack(wire.ATTACH_MAGIC, wire.PROTOCOL_VERSION, size, endpoint.ticket)], [fd]
+            )
             reply = connection.recv(wire.MAX_MESSAGE)
         except TimeoutError:
             connection.close()
@@ -175,9 +179,7 @@ class LocalChannel:
             raise UnavailableError("the server closed the local connection")
         return reply
 
-    def _result(
-        self, reply: bytes, request_id: str, shape: tuple[int, int], grad_at: int, loss_at: int
-    ) -> LossResult:
+    def _result(self, reply: bytes, request_id: str, shape: tuple[int, int], grad_at: int, loss_at: int) -> LossResult:
         (_, _, grad_exponent, loss_code, grad_code, flags, _, n_used, n_correct, epoch, loss_value,
          loss_elements) = wire.REPLY.unpack_from(reply)  # fmt: skip
         loss_dtype = wire.DTYPES.get(loss_code)

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import torch
 
-from lossd import _codec
+from lossd import _wire
 from lossd._exceptions import (
     DeadlineExceededError,
     InternalError,
@@ -20,8 +20,8 @@ from lossd._exceptions import (
     from_status,
     status_code,
 )
+from lossd._types import LossResult
 from lossd.v1 import loss_service_pb2 as pb
-from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 
 _END = object()
 # The longest the watchdog sleeps: how soon it ends after the server ended an idle call.
@@ -37,10 +37,11 @@ class LossStream:
     the client then opens a new stream for the next request.
     """
 
-    def __init__(self, stub: pb_grpc.LossServiceStub, timeout: float | None) -> None:
+    def __init__(self, open_call: Any, timeout: float | None) -> None:
+        """``open_call``: the LossStream multicallable, taking wire bytes and answering ``_wire.ReceivedResponse``."""
         self._timeout = timeout
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._call: Any = stub.LossStream(iter(self._requests.get, _END))
+        self._call: Any = open_call(iter(self._requests.get, _END))
         self._lock = threading.Lock()
         self._broken = False
         self._closed = threading.Event()
@@ -60,30 +61,23 @@ class LossStream:
         """False once broken, or once the call ended while idle (say, the server restarted)."""
         return not self._broken and not self._call.done()
 
-    def call(self, request: pb.LossRequest) -> pb.LossResponse:
+    def call_tensors(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
+        """``request`` (without tensors) sent with ``logits`` and ``labels``, each copied once (lossd._wire)."""
         with self._lock:
-            item = self._exchange(request)
-        if item.HasField("error"):
-            raise from_status(status_code(item.error.code), item.error.message)
-        return item
+            item = self._exchange(request.request_id, _wire.encode_loss_request(request, logits, labels))
+        if item.message.HasField("error"):
+            raise from_status(status_code(item.message.error.code), item.message.error.message)
+        return LossResult.from_received(item)
 
-    def call_tensors(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> pb.LossResponse:
-        """``request`` (without tensors) sent with ``logits`` and ``labels``."""
-        attempt = pb.LossRequest()
-        attempt.CopyFrom(request)
-        _codec.encode_into(attempt.logits, logits)
-        _codec.encode_into(attempt.labels, labels)
-        return self.call(attempt)
-
-    def _exchange(self, request: pb.LossRequest) -> pb.LossResponse:
+    def _exchange(self, request_id: str, data: bytes) -> _wire.ReceivedResponse:
         """Send one request and wait for its response; the caller holds the lock."""
         if not self.usable:
             raise self._why_closed()
         if self._timeout is not None:
             self._deadline = time.monotonic() + self._timeout
         try:
-            self._requests.put(request)
-            item: pb.LossResponse = next(self._call)
+            self._requests.put(data)
+            item: _wire.ReceivedResponse = next(self._call)
         except grpc.RpcError as error:
             if self._abandon():
                 raise DeadlineExceededError(f"no response on the loss stream within {self._timeout} s") from None
@@ -96,9 +90,9 @@ class LossStream:
             raise
         if self._answered():
             self.close()  # the watchdog cancelled the call as this answer came in: keep the answer, not the stream
-        if item.request_id != request.request_id:
+        if item.message.request_id != request_id:
             self.close()
-            raise InternalError(f"loss stream out of step: sent {request.request_id!r}, got {item.request_id!r}")
+            raise InternalError(f"loss stream out of step: sent {request_id!r}, got {item.message.request_id!r}")
         return item
 
     def _abandon(self) -> bool:

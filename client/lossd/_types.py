@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lossd import _codec
+from lossd import _codec, _wire
 from lossd._spec import SessionSpec
 from lossd.v1 import loss_service_pb2 as pb
 
@@ -97,6 +97,22 @@ class LossResult:
         if self.scaled_grad is None:
             return None
         return _codec.unscale_gradient(self.scaled_grad, self.grad_exponent)
+
+    @classmethod
+    def from_received(cls, received: _wire.ReceivedResponse) -> LossResult:
+        """From a response decoded by lossd._wire: the gradient views the received bytes (no copy)."""
+        message = received.message
+        return cls(
+            loss=_codec.decode(message.loss, "loss").clone(),  # small; users may write into it
+            scaled_grad=_wire.decode_tensor(message.grad, received.grad_data, "grad")
+            if message.HasField("grad")
+            else None,
+            grad_exponent=message.grad_exponent,
+            n_used=message.n_used,
+            n_correct=message.n_correct,
+            epoch=message.epoch,
+            request_id=message.request_id,
+        )
 
     @classmethod
     def from_proto(cls, message: pb.LossResponse) -> LossResult:

@@ -25,8 +25,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from lossd import _wire
 from lossd._exceptions import InvalidArgumentError, LossdError
 from lossd.v1 import loss_service_pb2 as pb
+from lossd_server.answer import serialize_loss_response
 from lossd_server.errors import capped
 from lossd_server.memory import MemoryAccount, Reservation, reserve_async
 
@@ -36,16 +38,21 @@ from lossd_server.memory import MemoryAccount, Reservation, reserve_async
 _MATH_COPIES = 4
 _WIRE_COPIES = 3
 _MESSAGE_COPIES = 2
-_ITEMSIZE = {pb.DTYPE_FLOAT64: 8, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+_ITEMSIZE: dict[int, int] = {pb.DTYPE_FLOAT64: 8, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 # Every other request: the message, its decoded tensors, and the copies the server keeps of them.
 _OTHER_COPIES = 5
 _OVERHEAD = 64 << 10  # a call's fixed cost: protobuf objects, Python frames, small tensors
+_LOSS_METHODS = frozenset({"LossStream", "ComputeLoss"})
 # A unary call's message comes with the call; one that does not, within this, gives back its reservation.
 READ_TIMEOUT_SECONDS = 30.0
 
 
-def loss_footprint(request: pb.LossRequest) -> int:
+def loss_footprint(request: pb.LossRequest | _wire.ReceivedRequest) -> int:
     """The bytes a LossRequest holds at its peak, from its size and dtype (never from its claimed shape alone)."""
+    if isinstance(request, _wire.ReceivedRequest):  # the payloads are views of the received message
+        payloads = request.logits_data.nbytes + request.labels_data.nbytes
+        message = request.message
+        return math_footprint(message.ByteSize() + payloads, request.logits_data.nbytes, message.logits.dtype)
     # ByteSize, not len(data): reading a bytes field copies it out of protobuf's arena.
     return math_footprint(request.ByteSize(), request.logits.ByteSize(), request.logits.dtype)
 
@@ -61,7 +68,7 @@ def math_footprint(message_bytes: int, logits_bytes: int, dtype: int) -> int:
 
 
 def footprint(request: Any) -> int:
-    if isinstance(request, pb.LossRequest):
+    if isinstance(request, pb.LossRequest | _wire.ReceivedRequest):
         return loss_footprint(request)
     return _OVERHEAD + _OTHER_COPIES * int(request.ByteSize())
 
@@ -90,13 +97,16 @@ class AdmissionInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
-        deserializer = _tolerant(handler.request_deserializer)
+        deserializer, serializer = handler.request_deserializer, handler.response_serializer
+        if method.rsplit("/", 1)[-1] in _LOSS_METHODS:  # tensors in and out with one copy (lossd._wire)
+            deserializer, serializer = _wire.decode_loss_request, serialize_loss_response
+        deserializer = _tolerant(deserializer)
         if handler.unary_unary is None:  # LossStream: admitted message by message by the servicer
-            return handler._replace(request_deserializer=deserializer)
+            return handler._replace(request_deserializer=deserializer, response_serializer=serializer)
         return grpc.stream_unary_rpc_method_handler(
             self._admitted(handler.unary_unary, method),
             request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
+            response_serializer=serializer,
         )
 
     def _admitted(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-
-from typing import Protocol
 
 from lossd import _codec
 from lossd._exceptions import InvalidArgumentError

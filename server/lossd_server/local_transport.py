@@ -44,10 +44,11 @@ from lossd._exceptions import (
 )
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server.admission import math_footprint
+from lossd_server.answer import Answer
 from lossd_server.errors import status_of
 from lossd_server.identifiers import MAX_REQUEST_ID, MAX_SESSION_NAME
 from lossd_server.memory import MemoryAccount
-from lossd_server.servicer import Answer, LossServicer
+from lossd_server.servicer import LossServicer
 
 log = logging.getLogger("lossd_server")
 
@@ -483,7 +484,9 @@ class LocalTransport:
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError:
-            raise _Refused(InvalidArgumentError("attach: the segment is not a memfd (a file cannot be sealed)")) from None
+            raise _Refused(
+                InvalidArgumentError("attach: the segment is not a memfd (a file cannot be sealed)")
+            ) from None
         if seals & wire.REQUIRED_SEALS != wire.REQUIRED_SEALS:
             raise _Refused(
                 InvalidArgumentError(

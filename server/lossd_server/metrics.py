@@ -277,7 +277,8 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                 async for response in behavior(timed(), context):
                     if per_request:
                         start = arrivals.popleft() if arrivals else time.perf_counter()
-                        code = code_name(response.error.code) if response.HasField("error") else "OK"
+                        failed = isinstance(response, pb.LossResponse) and response.HasField("error")
+                        code = code_name(response.error.code) if failed else "OK"  # an Answer is a success
                         metrics.observe(rpc, code, time.perf_counter() - start)
                     yield response
             except BaseException as raised:

@@ -14,13 +14,12 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from grpc import aio
 
-from lossd import _codec
+from lossd import _codec, _wire
 from lossd._exceptions import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -31,6 +30,7 @@ from lossd._exceptions import (
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
 from lossd_server.admission import Undecodable, loss_footprint
+from lossd_server.answer import Answer
 from lossd_server.auth import Identify, anonymous
 from lossd_server.batch import Payload, decode_batch
 from lossd_server.errors import status_of
@@ -66,28 +66,36 @@ def session_message(view: SessionView, owner: str) -> pb.Session:
     )
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A LossResponse before its gradient is placed. The replay log keeps this, so a resend on any
-    transport gets the same numbers, inline on gRPC or written straight into a local segment."""
+class WirePayload:
+    """The tensors of a LossRequest that arrived over gRPC: views of the received bytes (lossd._wire)."""
 
-    response: pb.LossResponse  # every field but grad
-    grad: torch.Tensor | None  # contiguous, CPU, wire dtype, times 2^grad_exponent; never written to
+    shared = False
+
+    def __init__(self, received: _wire.ReceivedRequest) -> None:
+        self._received = received
 
     @property
-    def nbytes(self) -> int:
-        """What keeping it costs (the replay log reserves this)."""
-        grad = 0 if self.grad is None else self.grad.numel() * self.grad.element_size()
-        return self.response.ByteSize() + grad
+    def logits_nbytes(self) -> int:
+        return self._received.logits_data.nbytes
+
+    def tensors(self, request: pb.LossRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        received = self._received
+        try:
+            return (
+                _wire.decode_tensor(request.logits, received.logits_data, "logits"),
+                _wire.decode_tensor(request.labels, received.labels_data, "labels"),
+            )
+        except _codec.CodecError as error:
+            raise InvalidArgumentError(str(error)) from None
 
 
-def _inline(answer: Answer) -> pb.LossResponse:
-    if answer.grad is None:
-        return answer.response
-    response = pb.LossResponse()
-    response.CopyFrom(answer.response)
-    _codec.encode_into(response.grad, answer.grad)
-    return response
+LossRequestIn = pb.LossRequest | _wire.ReceivedRequest
+
+
+def _parts(request: LossRequestIn) -> tuple[pb.LossRequest, WirePayload | None]:
+    if isinstance(request, _wire.ReceivedRequest):
+        return request.message, WirePayload(request)
+    return request, None
 
 
 # json.dumps with separators builds a new encoder per call; this one gives the same string in half the time.
@@ -251,8 +259,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
 
     # Losses ---------------------------------------------------------------
 
-    def _compute(self, owner: str, request: pb.LossRequest) -> pb.LossResponse:
-        return _inline(self.answer(owner, request))
+    def _compute(self, owner: str, request: LossRequestIn) -> Answer:
+        return self.answer(owner, *_parts(request))
 
     def answer(self, owner: str, request: pb.LossRequest, payload: Payload | None = None) -> Answer:
         """A loss request on any transport: validated, applied at most once, answered. ``payload``: its
@@ -322,12 +330,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         except Exception:
             log.exception("could not count %d training samples in the metrics", samples)
 
-    async def ComputeLoss(self, request: pb.LossRequest, context: aio.ServicerContext) -> pb.LossResponse:
+    async def ComputeLoss(self, request: LossRequestIn, context: aio.ServicerContext) -> Answer:
         return await self._run(self._compute, self._identify(context), request)
 
     async def LossStream(
-        self, request_iterator: AsyncIterator[pb.LossRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[pb.LossResponse]:
+        self, request_iterator: AsyncIterator[LossRequestIn | Undecodable], context: aio.ServicerContext
+    ) -> AsyncIterator[Answer | pb.LossResponse]:
         owner = self._identify(context)  # once: the stream's credentials do not change
         async for request in request_iterator:
             if isinstance(request, Undecodable):  # answered in band; the stream goes on
@@ -335,6 +343,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 yield pb.LossResponse(error=pb.Error(code=invalid.code.value[0], message=invalid.message))
                 continue
             reservation: Reservation | None = None
+            response: Answer | pb.LossResponse
             try:
                 # Admitted now that its size is known: its math and its answer must fit the request budget.
                 reservation = await reserve_async(
@@ -345,7 +354,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             except Exception as error:
                 code, message = status_of(error, "/lossd.v1.LossService/LossStream")
                 response = pb.LossResponse(
-                    request_id=request.request_id[:MAX_REQUEST_ID],
+                    request_id=_parts(request)[0].request_id[:MAX_REQUEST_ID],
                     error=pb.Error(code=code.value[0], message=message),
                 )
             try:
@@ -364,12 +373,13 @@ class LossServicer(pb_grpc.LossServiceServicer):
             raise UnavailableError("the server is shutting down")
         return self._local_endpoint(owner)
 
-    def _runs_inline(self, request: pb.LossRequest) -> bool:
+    def _runs_inline(self, request: LossRequestIn) -> bool:
         """Whether a stream request is small enough (--inline-math-bytes) to run on the event loop."""
         if not self._inline_math_bytes:
             return False
+        message = _parts(request)[0]
         try:  # from the shape, not len(data): that would copy an inline payload out of the message
-            nbytes = math.prod(request.logits.shape) * _codec.torch_dtype(request.logits).itemsize
+            nbytes = math.prod(message.logits.shape) * _codec.torch_dtype(message.logits).itemsize
         except _codec.CodecError:
             return False  # a worker refuses it with the proper message
         return nbytes <= self._inline_math_bytes
