@@ -335,6 +335,102 @@ def test_cuda_logits_travel_through_the_host(server: EmbeddedServer) -> None:
         assert torch.equal(grad_cuda.cpu(), grad_cpu) and torch.equal(grad_cuda, grad_grpc)
 
 
+def _refused_like_grpc(reason: str) -> Any:
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+_LOCAL_SHAPES = (
+    "lossd._local.LocalChannel.step takes N and C from logits.shape alone and copies the labels into the "
+    "segment's [N] view with Tensor.copy_, never checking labels.shape (nor logits.dim())"
+)
+BAD_INPUTS: list[Any] = [
+    pytest.param(
+        torch.randn(N, C),
+        torch.tensor([1]),
+        id="labels [1] for N rows",
+        marks=_refused_like_grpc(
+            f"{_LOCAL_SHAPES}: copy_ broadcasts one label to all N rows, so the step is computed and its N samples "
+            "counted, where gRPC says INVALID_ARGUMENT 'labels: expected shape [N] but got [1]'"
+        ),
+    ),
+    pytest.param(
+        torch.randn(N, C),
+        torch.zeros(N + 1, dtype=torch.int64),
+        id="labels [N+1]",
+        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: a torch RuntimeError instead of InvalidArgumentError"),
+    ),
+    pytest.param(
+        torch.randn(N, C),
+        torch.zeros(N, 1, dtype=torch.int64),
+        id="labels [N, 1]",
+        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: a torch RuntimeError instead of InvalidArgumentError"),
+    ),
+    pytest.param(
+        torch.randn(C),
+        torch.tensor([1]),
+        id="logits [C]",
+        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: 'n, c = logits.shape' raises ValueError"),
+    ),
+    pytest.param(
+        torch.randn(2, N // 2, C),
+        torch.zeros(2, N // 2, dtype=torch.int64),
+        id="logits 3-d",
+        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: 'n, c = logits.shape' raises ValueError"),
+    ),
+    pytest.param(
+        torch.randn(N, C),
+        torch.zeros(N, dtype=torch.uint8),
+        id="uint8 labels",
+        marks=_refused_like_grpc(
+            "lossd._local.LocalChannel.step looks the dtype up with wire.CODES[labels.dtype]: KeyError "
+            "torch.uint8, where the gRPC path raises _codec's TypeError naming the supported dtypes"
+        ),
+    ),
+    pytest.param(torch.zeros(N, C, dtype=torch.int64), torch.zeros(N, dtype=torch.int64), id="int64 logits"),
+    pytest.param(torch.randn(N, C), torch.zeros(N), id="float labels"),
+    pytest.param(torch.randn(N, C + 1), torch.zeros(N, dtype=torch.int64), id="C+1 classes"),
+    pytest.param(torch.randn(N, C), torch.full((N,), C), id="a label out of range"),
+    pytest.param(torch.full((N, C), float("nan")), torch.zeros(N, dtype=torch.int64), id="NaN logits"),
+]
+
+
+@pytest.mark.parametrize(("logits", "labels"), BAD_INPUTS)
+def test_local_refuses_what_grpc_refuses(
+    server: EmbeddedServer, session_name: str, logits: torch.Tensor, labels: torch.Tensor
+) -> None:
+    outcomes: dict[str, str] = {}
+    for transport in ("grpc", "local"):
+        with lossd.Client(server.target, transport=transport, retry_deadline=0) as client:
+            client.create_session(session_name, OLS)
+            try:
+                client.compute_loss(session_name, logits, labels, epoch=0)
+                outcomes[transport] = "computed"
+            except Exception as error:
+                outcomes[transport] = type(error).__name__
+            assert client.transport == transport
+            assert client.get_session(session_name).samples_this_epoch == 0, f"{transport} counted the step"
+    assert outcomes["grpc"] != "computed"
+    assert outcomes["local"] == outcomes["grpc"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lossd._client.Client._step calls lossd._local.layout() before it chooses a transport, and layout "
+    "reads labels.shape[0]: 0-d labels raise IndexError on every transport, gRPC stream included, where the "
+    "server (stream=False) answers INVALID_ARGUMENT 'labels: expected shape [N] but got []'",
+)
+@pytest.mark.parametrize("transport", ["grpc", "local"])
+def test_0d_labels_are_invalid_argument_on_the_stream(
+    server: EmbeddedServer, session_name: str, transport: str
+) -> None:
+    with lossd.Client(server.target, transport=transport, retry_deadline=0) as client:
+        client.create_session(session_name, CE)
+        with pytest.raises(lossd.InvalidArgumentError, match="labels"):
+            client.compute_loss(session_name, torch.randn(N, C), torch.tensor(1), stream=False)
+        with pytest.raises(lossd.InvalidArgumentError, match="labels"):
+            client.compute_loss(session_name, torch.randn(N, C), torch.tensor(1))
+
+
 # 2. Selection ---------------------------------------------------------------------------------------
 
 
@@ -972,29 +1068,77 @@ def test_stop_waits_for_a_local_step_in_flight(compute_gate: ComputeGate) -> Non
         compute_gate.release.clear()
         while compute_gate.entered.acquire(blocking=False):
             pass
-        results: list[lossd.LossResult] = []
-        errors: list[BaseException] = []
-
-        def step() -> None:
-            try:
-                results.append(client.compute_loss("run", *batch(2), request_id="in-flight"))
-            except BaseException as error:
-                errors.append(error)
-
-        stepping = threading.Thread(target=step)
+        running = server._running
+        assert running is not None and running.store is not None
+        session = running.store.get("", "run")
+        outcome: list[Any] = []
+        stepping = threading.Thread(target=lambda: outcome.append(_outcome(lambda: client.compute_loss(
+            "run", *batch(2), request_id="in-flight"))))  # fmt: skip
         stepping.start()
         assert compute_gate.entered.acquire(timeout=10)
         stopping = threading.Thread(target=server.stop)
         stopping.start()
         time.sleep(0.3)
         assert stopping.is_alive(), "stop() did not wait for the step in flight"
+        assert session.samples_this_epoch == N
         compute_gate.release.set()
         stepping.join(timeout=10)
         stopping.join(timeout=20)
-        assert not stopping.is_alive()
-        assert not errors and results and results[0].n_used == N, errors
-        with pytest.raises(lossd.UnavailableError):
+        assert not stopping.is_alive() and not stepping.is_alive()
+        assert session.samples_this_epoch == 2 * N  # the step ran to the end, once
+        # Its reply usually reaches the client; that it always does is the xfail below.
+        assert isinstance(outcome[0], lossd.LossResult | lossd.UnavailableError), outcome
+        if isinstance(outcome[0], lossd.LossResult):
+            assert outcome[0].n_used == N
+        with pytest.raises(lossd.UnavailableError):  # the next step finds no server
             client.compute_loss("run", *batch(3))
         client.close()
     finally:
         server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lossd_server.local_transport.LocalTransport._step decrements _in_flight (and wakes drain()) in its "
+    "finally, before _serve sends the reply: drain() returns, Running.stop closes the transport (shutdown of "
+    "every connection), and the reply of a step that was applied is lost; the client sees the end of file and "
+    "fails (or resends to the next server)",
+)
+def test_stop_waits_until_the_reply_of_a_step_in_flight_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with the scheduling gap between the end of the math and the reply's send made 0.5 s."""
+    sending, original = threading.Event(), socket.socket.send
+    slow = threading.Event()
+
+    def send(self: socket.socket, data: Any, *args: Any) -> int:
+        if slow.is_set() and threading.current_thread().name == "lossd-local" and bytes(data[:4]) == REPLY_MAGIC:
+            sending.set()
+            time.sleep(0.5)
+        return original(self, data, *args)
+
+    monkeypatch.setattr(socket.socket, "send", send)
+    server = EmbeddedServer(settings()).start()
+    try:
+        with lossd.Client(server.target, transport="local", retry_deadline=1, timeout=10) as client:
+            one_step(client, "run", OLS)
+            slow.set()
+            results: list[Any] = []
+            stepping = threading.Thread(
+                target=lambda: results.append(_outcome(lambda: client.compute_loss("run", *batch(2))))
+            )
+            stepping.start()
+            assert sending.wait(timeout=10)  # the step was applied; its reply is on its way
+            server.stop()
+            stepping.join(timeout=20)
+            assert results and isinstance(results[0], lossd.LossResult), results
+    finally:
+        server.stop()
+
+
+REPLY_MAGIC = wire.REPLY_MAGIC.to_bytes(4, "little")
+
+
+def _outcome(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception as error:
+        return error

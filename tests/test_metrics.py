@@ -104,8 +104,22 @@ def test_unary_calls_are_counted_by_rpc_and_the_code_the_client_saw(metered: Emb
     assert value(samples, "lossd_request_duration_seconds_count", rpc="GetSession") == 1
 
 
+def test_local_steps_are_counted_with_their_status(metered: EmbeddedServer) -> None:
+    with lossd.Client(metered.target, transport="local") as client:
+        client.create_session("ce-local", CE)
+        for _ in range(3):
+            client.compute_loss("ce-local", *batch(8))
+        with pytest.raises(lossd.NotFoundError):
+            client.compute_loss("nope", *batch(8))
+        samples = scrape(metered)
+    assert requests(samples, "LocalStep", "OK") == 3
+    assert requests(samples, "LocalStep", "NOT_FOUND") == 1
+    assert value(samples, "lossd_request_duration_seconds_count", rpc="LocalStep") == 4
+    assert requests(samples, "LossStream", "OK") == 0
+
+
 def test_each_stream_request_is_counted_with_its_in_band_status(metered: EmbeddedServer) -> None:
-    with lossd.Client(metered.target) as client:
+    with lossd.Client(metered.target, transport="grpc") as client:
         client.create_session("ce", CE)
         for _ in range(4):
             client.compute_loss("ce", *batch(8))

@@ -197,7 +197,7 @@ async def start(settings: Settings) -> Running:
             raise OSError(f"could not bind {host}:{settings.port} (the port may be in use, or the address not local)")
         if metrics is not None and settings.metrics_port is not None:
             metrics.serve(host, settings.metrics_port)  # before server.start(), so a busy port starts nothing
-        local = _start_local(settings, servicer, work_memory, port)
+        local = _start_local(settings, servicer, work_memory, port, metrics)
     except BaseException:
         store.close()  # releases the state directory for the next attempt
         raise
@@ -240,14 +240,15 @@ async def start(settings: Settings) -> Running:
 
 
 def _start_local(
-    settings: Settings, servicer: LossServicer, work_memory: MemoryAccount, port: int
+    settings: Settings, servicer: LossServicer, work_memory: MemoryAccount, port: int, metrics: ServerMetrics | None
 ) -> LocalTransport | None:
     """The same-host data plane, unless disabled. A default path that cannot be used (too long for a socket,
     taken by another server sharing the state directory) is skipped with a warning; an explicit one fails."""
     path = settings.local_socket_path(port)
     if path is None:
         return None
-    local = LocalTransport(path, servicer, work_memory, admission_wait=ADMISSION_WAIT_SECONDS)
+    observe = None if metrics is None else metrics.observe_local_step
+    local = LocalTransport(path, servicer, work_memory, admission_wait=ADMISSION_WAIT_SECONDS, observe=observe)
     try:
         local.start()
     except OSError as error:

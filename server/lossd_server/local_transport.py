@@ -25,8 +25,10 @@ import os
 import secrets
 import socket
 import stat
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ MAX_SOCKET_PATH = 107
 _OK = grpc.StatusCode.OK.value[0]
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _METHOD = "the local transport"
+_REPLY_CODE = struct.Struct("<Ii")  # a reply's magic and status code
 
 
 def boot_id() -> str:
@@ -297,6 +300,7 @@ class LocalTransport:
         admission_wait: float,
         ticket_ttl: float = TICKET_TTL_SECONDS,
         attach_timeout: float = ATTACH_TIMEOUT_SECONDS,
+        observe: Callable[[int, float], None] | None = None,
     ) -> None:
         self.path = path
         self.stats = LocalStats()
@@ -304,6 +308,8 @@ class LocalTransport:
         self._work_memory = work_memory
         self._admission_wait = admission_wait
         self._attach_timeout = attach_timeout
+        # Told each step's status code and seconds (the metrics' LocalStep).
+        self._observe = observe or (lambda code, seconds: None)
         self._tickets = Tickets(ticket_ttl)
         self._boot_id = boot_id()
         self._listener: socket.socket | None = None
@@ -419,8 +425,10 @@ class LocalTransport:
                 if flags & socket.MSG_TRUNC:
                     connection.send(_error_reply(InvalidArgumentError("local transport: message too long")))
                     return
+                started = time.perf_counter()
                 reply, keep = self._step(owner, segment, data)
                 connection.send(reply)
+                self._observed(reply, time.perf_counter() - started)
                 if not keep:
                     return
         except _Refused as refused:
@@ -438,6 +446,12 @@ class LocalTransport:
                 with contextlib.suppress(BufferError):  # a view still alive: unmapped with its last reference
                     segment.close()
             self.stats.add("open", -1)
+
+    def _observed(self, reply: bytes, seconds: float) -> None:
+        try:
+            self._observe(_REPLY_CODE.unpack_from(reply)[1], seconds)
+        except Exception:
+            log.exception("could not count a local step in the metrics")
 
     def _attach(self, connection: socket.socket) -> tuple[str, mmap.mmap]:
         connection.settimeout(self._attach_timeout)

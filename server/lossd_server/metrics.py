@@ -30,8 +30,10 @@ from lossd_server.store import StoreStats
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LossService"]
 _PREFIX = f"/{SERVICE.full_name}/"
-RPCS = tuple(method.name for method in SERVICE.methods)
 STREAM = "LossStream"
+# A step on the local transport (lossd_server.local_transport), counted and timed like a stream request.
+LOCAL_STEP = "LocalStep"
+RPCS = (*(method.name for method in SERVICE.methods), LOCAL_STEP)
 BARRIER = "NextEpoch"
 
 # From a small cross-entropy batch (well under a millisecond) to a large OLS matrix transfer.
@@ -177,6 +179,10 @@ class ServerMetrics:
     def stream_closed(self, rpc: str, code: str) -> None:
         self._open.labels(rpc).dec()
         self._streams.labels(rpc, code).inc()
+
+    def observe_local_step(self, code: int, seconds: float) -> None:
+        """A step on the local transport, which bypasses the interceptors; thread-safe like the rest."""
+        self.observe(LOCAL_STEP, code_name(code), seconds)
 
     def add_samples(self, samples: int) -> None:
         """Called by the servicer once per applied training batch, on a worker thread."""
