@@ -80,7 +80,7 @@ def test_inline_math_runs_small_stream_requests_on_the_event_loop_with_the_same_
     answers = {}
     with EmbeddedServer(settings) as inline_server:
         for name, target in (("inline", inline_server.target), ("workers", server.target)):
-            with lossd.Client(target) as client:
+            with lossd.Client(target, transport="grpc") as client:  # the event loop serves only gRPC
                 session = f"inline-{name}-{uuid.uuid4().hex}"
                 client.create_session(session, ols_spec(classes))
                 results = [

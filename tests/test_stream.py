@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 import lossd
-from lossd import _stream
+from lossd import _stream, _wire
 from lossd._stream import LossStream
 from lossd.v1 import loss_service_pb2 as pb
 
@@ -31,8 +31,9 @@ class _ScriptedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     def __iter__(self) -> _ScriptedCall:
         return self
 
-    def __next__(self) -> pb.LossResponse:
-        return self._answer(next(self._requests), self)
+    def __next__(self) -> _wire.ReceivedResponse:
+        request = pb.LossRequest.FromString(next(self._requests))
+        return _wire.decode_loss_response(self._answer(request, self).SerializeToString())
 
     def end(self, code: grpc.StatusCode, details: str) -> _ScriptedCall:
         self._code, self._details = code, details
@@ -55,13 +56,19 @@ class _ScriptedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
 
 class _Stub:
+    """Opens the scripted call, as the client's LossStream multicallable would."""
+
     def __init__(self, answer: Answer) -> None:
         self._answer = answer
         self.call: _ScriptedCall | None = None
 
-    def LossStream(self, requests: Iterator[pb.LossRequest]) -> _ScriptedCall:
-        self.call = _ScriptedCall(requests, self._answer)
+    def __call__(self, requests: Iterator[bytes]) -> _ScriptedCall:
+        self.call = _ScriptedCall(requests, self._answer)  # type: ignore[arg-type]
         return self.call
+
+
+def _call(stream: LossStream, request: pb.LossRequest) -> pb.LossResponse:
+    return stream.call(request.request_id, request.SerializeToString()).message
 
 
 def _echo(request: pb.LossRequest, call: _ScriptedCall) -> pb.LossResponse:
@@ -70,7 +77,7 @@ def _echo(request: pb.LossRequest, call: _ScriptedCall) -> pb.LossResponse:
 
 def _stream_of(answer: Answer, timeout: float | None = 5.0) -> tuple[LossStream, _ScriptedCall]:
     stub = _Stub(answer)
-    stream = LossStream(stub, timeout)  # type: ignore[arg-type]
+    stream = LossStream(stub, timeout)
     assert stub.call is not None
     return stream, stub.call
 
@@ -89,7 +96,7 @@ def _new_watchdog(answer: Answer) -> tuple[LossStream, _ScriptedCall, threading.
 def test_answers_are_returned_in_step_and_the_stream_stays_open() -> None:
     stream, _ = _stream_of(_echo)
     for n in range(3):
-        assert stream.call(pb.LossRequest(request_id=f"r{n}")).request_id == f"r{n}"
+        assert _call(stream, pb.LossRequest(request_id=f"r{n}")).request_id == f"r{n}"
     assert stream.usable
     stream.close()
 
@@ -101,7 +108,7 @@ def test_an_in_band_error_raises_and_leaves_the_stream_open() -> None:
 
     stream, _ = _stream_of(refuse)
     with pytest.raises(lossd.NotFoundError, match="no such session"):
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
     assert stream.usable
     stream.close()
 
@@ -114,11 +121,11 @@ def test_no_answer_within_the_timeout_is_a_deadline_error_that_breaks_the_stream
     stream, call = _stream_of(never, timeout=0.2)
     started = time.monotonic()
     with pytest.raises(lossd.DeadlineExceededError, match=r"within 0\.2 s"):
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
     assert 0.2 <= time.monotonic() - started < 2
     assert call.cancelled.is_set() and not stream.usable
     with pytest.raises(lossd.UnavailableError):
-        stream.call(pb.LossRequest(request_id="r2"))
+        _call(stream, pb.LossRequest(request_id="r2"))
 
 
 def test_an_answer_that_comes_as_the_deadline_passes_is_kept_but_not_the_stream() -> None:
@@ -127,7 +134,7 @@ def test_an_answer_that_comes_as_the_deadline_passes_is_kept_but_not_the_stream(
         return pb.LossResponse(request_id=request.request_id)
 
     stream, _ = _stream_of(at_the_deadline, timeout=0.1)
-    assert stream.call(pb.LossRequest(request_id="r1")).request_id == "r1"
+    assert _call(stream, pb.LossRequest(request_id="r1")).request_id == "r1"
     assert not stream.usable
 
 
@@ -138,7 +145,7 @@ def test_a_slow_answer_within_the_timeout_is_not_cancelled() -> None:
 
     stream, call = _stream_of(slow, timeout=0.5)
     for n in range(4):  # 0.6 s in all: the deadline is per request, not per stream
-        stream.call(pb.LossRequest(request_id=f"r{n}"))
+        _call(stream, pb.LossRequest(request_id=f"r{n}"))
     assert stream.usable and not call.cancelled.is_set()
     stream.close()
 
@@ -149,7 +156,7 @@ def test_an_interrupt_while_waiting_closes_the_stream() -> None:
 
     stream, call = _stream_of(interrupted)
     with pytest.raises(KeyboardInterrupt):
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
     assert call.cancelled.is_set() and not stream.usable
 
 
@@ -159,7 +166,7 @@ def test_a_call_the_server_fails_raises_its_status_and_breaks_the_stream() -> No
 
     stream, call = _stream_of(unavailable)
     with pytest.raises(lossd.UnavailableError, match="server shutting down") as raised:
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
     assert raised.value.__cause__ is call
     assert not stream.usable
 
@@ -171,7 +178,7 @@ def test_a_call_the_server_closed_is_unavailable() -> None:
 
     stream, _ = _stream_of(closed)
     with pytest.raises(lossd.UnavailableError, match="closed the loss stream"):
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
     assert not stream.usable
 
 
@@ -181,7 +188,7 @@ def test_an_answer_out_of_step_breaks_the_stream() -> None:
 
     stream, call = _stream_of(wrong)
     with pytest.raises(lossd.InternalError, match="out of step"):
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
     assert call.cancelled.is_set() and not stream.usable
 
 
@@ -197,12 +204,12 @@ def test_the_watchdog_ends_with_the_stream_and_with_a_call_that_ended(monkeypatc
     watchdog.join(5)
     assert not watchdog.is_alive()
     with pytest.raises(lossd.UnavailableError, match="server restarted"):
-        stream.call(pb.LossRequest(request_id="r1"))
+        _call(stream, pb.LossRequest(request_id="r1"))
 
 
 def test_no_timeout_needs_no_watchdog() -> None:
     before = _watchdogs()
     stream, _ = _stream_of(_echo, timeout=None)
     assert not _watchdogs() - before
-    assert stream.call(pb.LossRequest(request_id="r1")).request_id == "r1"
+    assert _call(stream, pb.LossRequest(request_id="r1")).request_id == "r1"
     stream.close()

@@ -865,12 +865,16 @@ def _traceback_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogReco
     ]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    ("stream", "transport", "where"),
+    [(False, "grpc", "ComputeLoss"), (True, "grpc", "LossStream"), (True, "local", "the local transport")],
+    ids=["unary", "stream", "local"],
+)
 def test_unexpected_exception_is_internal_logged_and_the_server_keeps_serving(
-    faulty: EmbeddedServer, caplog: pytest.LogCaptureFixture, stream: bool
+    faulty: EmbeddedServer, caplog: pytest.LogCaptureFixture, stream: bool, transport: str, where: str
 ) -> None:
     caplog.set_level(logging.ERROR, logger="lossd_server")
-    with lossd.Client(faulty.target) as client:
+    with lossd.Client(faulty.target, transport=transport) as client:
         client.create_session("boom", OLS_SPEC)
         client.create_session("fine", OLS_SPEC)
         before = snapshot(client, "boom")
@@ -880,7 +884,7 @@ def test_unexpected_exception_is_internal_logged_and_the_server_keeps_serving(
         assert type(error) is lossd.InternalError
         assert error.code is grpc.StatusCode.INTERNAL
         assert "RuntimeError" in error.message
-        assert ("LossStream" if stream else "ComputeLoss") in error.message
+        assert where in error.message
 
         records = _traceback_records(caplog)
         assert len(records) == 1, caplog.text
@@ -890,7 +894,7 @@ def test_unexpected_exception_is_internal_logged_and_the_server_keeps_serving(
         opened = client._open_stream()
         result = client.compute_loss("fine", GOOD_LOGITS, GOOD_LABELS, training=True, stream=stream)
         assert result.n_used == N
-        if stream:
+        if stream and transport == "grpc":
             assert client._open_stream() is opened and opened is not None and opened.usable
         assert client.get_state("fine").samples_this_epoch == N
         assert_unchanged(client, "boom", before)

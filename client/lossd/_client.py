@@ -27,7 +27,7 @@ from lossd._exceptions import (
     UnimplementedError,
     from_rpc_error,
 )
-from lossd._local import LocalChannel, LocalUnavailable, layout
+from lossd._local import LocalChannel, LocalUnavailable, describable, layout
 from lossd._malloc import tune_client_once
 from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
@@ -331,8 +331,9 @@ class Client:
 
     def _step(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
         self._check_open()
-        needed = layout(logits, labels, request.need_grad)[3]
-        local = self._local_channel(needed)
+        local = None
+        if describable(logits, labels):
+            local = self._local_channel(layout(logits, labels, request.need_grad)[3])
         if local is not None:
             result = local.step(request, logits, labels)
             self._used("local", local.socket_path)

@@ -39,6 +39,22 @@ def boot_id() -> str:
         return ""
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INTS = (torch.int64, torch.int32)
+
+
+def describable(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether a step header can carry these tensors: [N, C] floating logits and [N] integer labels.
+    Anything else goes over gRPC, where the server's validation says what is wrong with it."""
+    return (
+        logits.dim() == 2
+        and labels.dim() == 1
+        and logits.shape[0] == labels.shape[0]
+        and logits.dtype in _FLOATS
+        and labels.dtype in _INTS
+    )
+
+
 def layout(logits: torch.Tensor, labels: torch.Tensor, need_grad: bool) -> tuple[int, int, int, int]:
     """(labels, gradient, loss offsets, bytes needed); the logits are at offset 0."""
     labels_at = wire.align(logits.nbytes)

@@ -63,11 +63,16 @@ class LossStream:
 
     def call_tensors(self, request: pb.LossRequest, logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
         """``request`` (without tensors) sent with ``logits`` and ``labels``, each copied once (lossd._wire)."""
+        data = _wire.encode_loss_request(request, logits, labels)
+        return LossResult.from_received(self.call(request.request_id, data))
+
+    def call(self, request_id: str, data: bytes) -> _wire.ReceivedResponse:
+        """One request's wire bytes, and its response; an in-band error is raised as its status."""
         with self._lock:
-            item = self._exchange(request.request_id, _wire.encode_loss_request(request, logits, labels))
+            item = self._exchange(request_id, data)
         if item.message.HasField("error"):
             raise from_status(status_code(item.message.error.code), item.message.error.message)
-        return LossResult.from_received(item)
+        return item
 
     def _exchange(self, request_id: str, data: bytes) -> _wire.ReceivedResponse:
         """Send one request and wait for its response; the caller holds the lock."""

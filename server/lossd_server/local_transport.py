@@ -254,30 +254,28 @@ def _write(segment: mmap.mmap, offset: int, tensor: torch.Tensor) -> None:
 
 def step_reply(answer: Answer, step: _Step, segment: mmap.mmap) -> bytes:
     """Place the gradient (and per-sample losses) in the segment; the reply header says where."""
-    response = answer.response
-    flags = 0
-    grad_dtype = 0
+    flags = grad_dtype = 0
     if answer.grad is not None:
         _write(segment, step.grad_at, answer.grad)
         flags |= wire.GRAD_IN_SEGMENT
         grad_dtype = wire.CODES[answer.grad.dtype]
-    loss = _codec.decode(response.loss, "loss")
+    loss = answer.loss
     scalar, elements = 0.0, 0
     if loss.dim() == 0:
-        scalar = float(loss)
+        scalar = loss.item()
     else:
         _write(segment, step.loss_at, loss)
         flags |= wire.LOSS_IN_SEGMENT
         elements = loss.numel()
     return wire.pack_reply(
         _OK,
-        grad_exponent=response.grad_exponent,
-        loss_dtype=response.loss.dtype,
+        grad_exponent=answer.grad_exponent,
+        loss_dtype=wire.CODES[loss.dtype],
         grad_dtype=grad_dtype,
         flags=flags,
-        n_used=response.n_used,
-        n_correct=response.n_correct,
-        epoch=response.epoch,
+        n_used=answer.n_used,
+        n_correct=answer.n_correct,
+        epoch=answer.epoch,
         loss=scalar,
         loss_elements=elements,
     )

@@ -309,18 +309,12 @@ class LossServicer(pb_grpc.LossServiceServicer):
         output = result.output
         if training:
             self._applied(owner, session, result.progress, output.n_used)
-        response = pb.LossResponse(
-            request_id=request.request_id,
-            loss=_codec.encode(output.loss),
-            n_used=output.n_used,
-            n_correct=output.n_correct,
-            epoch=result.epoch,
-        )
-        if output.grad is None:
-            return Answer(response, None)
-        # Encoded only when sent: into a local segment it goes from this tensor's memory.
-        grad, response.grad_exponent = _codec.scale_gradient(output.grad, batch.logits.dtype)
-        return Answer(response, grad.to("cpu").contiguous())
+        grad, exponent = None, 0
+        if output.grad is not None:
+            grad, exponent = _codec.scale_gradient(output.grad, batch.logits.dtype)
+            grad = grad.to("cpu").contiguous()
+        loss = output.loss.to("cpu")
+        return Answer(request.request_id, loss, grad, exponent, output.n_used, output.n_correct, result.epoch)
 
     def _applied(self, owner: str, session: Session, progress: Progress | None, samples: int) -> None:
         """After a batch was applied: the progress log and the metrics, best effort (it is applied either way)."""
