@@ -21,8 +21,8 @@ import lossd
 from lossd import _codec
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
-from lossd_server import progress as progress_module
 from lossd_server import admission as admission_module
+from lossd_server import progress as progress_module
 from lossd_server import servicer as servicer_module
 from lossd_server import session as session_module
 from lossd_server.embedded import EmbeddedServer
