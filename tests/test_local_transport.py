@@ -343,56 +343,36 @@ def test_cuda_logits_travel_through_the_host(server: EmbeddedServer) -> None:
         assert torch.equal(grad_cuda.cpu(), grad_cpu) and torch.equal(grad_cuda, grad_grpc)
 
 
-def _refused_like_grpc(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-_LOCAL_SHAPES = (
-    "lossd._local.LocalChannel.step takes N and C from logits.shape alone and copies the labels into the "
-    "segment's [N] view with Tensor.copy_, never checking labels.shape (nor logits.dim())"
-)
 BAD_INPUTS: list[Any] = [
     pytest.param(
         torch.randn(N, C),
         torch.tensor([1]),
         id="labels [1] for N rows",
-        marks=_refused_like_grpc(
-            f"{_LOCAL_SHAPES}: copy_ broadcasts one label to all N rows, so the step is computed and its N samples "
-            "counted, where gRPC says INVALID_ARGUMENT 'labels: expected shape [N] but got [1]'"
-        ),
     ),
     pytest.param(
         torch.randn(N, C),
         torch.zeros(N + 1, dtype=torch.int64),
         id="labels [N+1]",
-        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: a torch RuntimeError instead of InvalidArgumentError"),
     ),
     pytest.param(
         torch.randn(N, C),
         torch.zeros(N, 1, dtype=torch.int64),
         id="labels [N, 1]",
-        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: a torch RuntimeError instead of InvalidArgumentError"),
     ),
     pytest.param(
         torch.randn(C),
         torch.tensor([1]),
         id="logits [C]",
-        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: 'n, c = logits.shape' raises ValueError"),
     ),
     pytest.param(
         torch.randn(2, N // 2, C),
         torch.zeros(2, N // 2, dtype=torch.int64),
         id="logits 3-d",
-        marks=_refused_like_grpc(f"{_LOCAL_SHAPES}: 'n, c = logits.shape' raises ValueError"),
     ),
     pytest.param(
         torch.randn(N, C),
         torch.zeros(N, dtype=torch.uint8),
         id="uint8 labels",
-        marks=_refused_like_grpc(
-            "lossd._local.LocalChannel.step looks the dtype up with wire.CODES[labels.dtype]: KeyError "
-            "torch.uint8, where the gRPC path raises _codec's TypeError naming the supported dtypes"
-        ),
     ),
     pytest.param(torch.zeros(N, C, dtype=torch.int64), torch.zeros(N, dtype=torch.int64), id="int64 logits"),
     pytest.param(torch.randn(N, C), torch.zeros(N), id="float labels"),
@@ -421,12 +401,6 @@ def test_local_refuses_what_grpc_refuses(
     assert outcomes["local"] == outcomes["grpc"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lossd._client.Client._step calls lossd._local.layout() before it chooses a transport, and layout "
-    "reads labels.shape[0]: 0-d labels raise IndexError on every transport, gRPC stream included, where the "
-    "server (stream=False) answers INVALID_ARGUMENT 'labels: expected shape [N] but got []'",
-)
 @pytest.mark.parametrize("transport", ["grpc", "local"])
 def test_0d_labels_are_invalid_argument_on_the_stream(
     server: EmbeddedServer, session_name: str, transport: str
@@ -1095,7 +1069,7 @@ def test_stop_waits_for_a_local_step_in_flight(compute_gate: ComputeGate) -> Non
         stopping.join(timeout=20)
         assert not stopping.is_alive() and not stepping.is_alive()
         assert session.samples_this_epoch == 2 * N  # the step ran to the end, once
-        # Its reply usually reaches the client; that it always does is the xfail below.
+        # Its reply usually reaches the client; that it always does is the next test.
         assert isinstance(outcome[0], lossd.LossResult | lossd.UnavailableError), outcome
         if isinstance(outcome[0], lossd.LossResult):
             assert outcome[0].n_used == N
@@ -1106,13 +1080,6 @@ def test_stop_waits_for_a_local_step_in_flight(compute_gate: ComputeGate) -> Non
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lossd_server.local_transport.LocalTransport._step decrements _in_flight (and wakes drain()) in its "
-    "finally, before _serve sends the reply: drain() returns, Running.stop closes the transport (shutdown of "
-    "every connection), and the reply of a step that was applied is lost; the client sees the end of file and "
-    "fails (or resends to the next server)",
-)
 def test_stop_waits_until_the_reply_of_a_step_in_flight_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     """As above, with the scheduling gap between the end of the math and the reply's send made 0.5 s."""
     sending, original = threading.Event(), socket.socket.send

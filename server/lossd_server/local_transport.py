@@ -424,8 +424,14 @@ class LocalTransport:
                     connection.send(_error_reply(InvalidArgumentError("local transport: message too long")))
                     return
                 started = time.perf_counter()
-                reply, keep = self._step(owner, segment, data)
-                connection.send(reply)
+                if not self._begin():
+                    connection.send(_error_reply(UnavailableError("the server is shutting down")))
+                    continue
+                try:  # in flight until its reply is sent: a drain that ended sooner could cut the reply off
+                    reply, keep = self._step(owner, segment, data)
+                    connection.send(reply)
+                finally:
+                    self._end()
                 self._observed(reply, time.perf_counter() - started)
                 if not keep:
                     return
@@ -527,10 +533,6 @@ class LocalTransport:
             return _error_reply(InvalidArgumentError(f"local transport: {error}")), False
         except LossdError as error:
             return _error_reply(error), True
-        with self._lock:
-            if self._draining:
-                return _error_reply(UnavailableError("the server is shutting down")), True
-            self._in_flight += 1
         try:
             footprint = math_footprint(0, step.logits_nbytes, step.request.logits.dtype)
             with self._work_memory.reserve(footprint, "a local step", wait=self._admission_wait):
@@ -538,11 +540,20 @@ class LocalTransport:
                 return step_reply(answer, step, segment), True
         except Exception as error:
             return _error_reply(error), True
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self._idle.notify_all()
+
+    def _begin(self) -> bool:
+        """Count a step in flight; False once draining (the step is refused, nothing applied)."""
+        with self._lock:
+            if self._draining:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _end(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
 
 
 def _refuse(connection: socket.socket, error: LossdError) -> None:
