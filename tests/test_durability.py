@@ -30,8 +30,8 @@ SPEC = ols_spec(C)
 class Served:
     """A `lossd serve` process on a free loopback port, reading its log so the pipe never fills."""
 
-    def __init__(self, state_dir: Path, *flags: str) -> None:
-        command = [sys.executable, "-m", "lossd_server", "serve", "--host", "127.0.0.1", "--port", "0"]
+    def __init__(self, state_dir: Path, *flags: str, port: int = 0) -> None:
+        command = [sys.executable, "-m", "lossd_server", "serve", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--device", "cpu", "--workers", "2", "--store", "sqlite", "--state-dir", str(state_dir), *flags]
         env = {**os.environ, "LOSSD_TORCH_THREADS": "1"}
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)

@@ -46,6 +46,7 @@ from lossd_server.embedded import EmbeddedServer
 from lossd_server.local_transport import LocalTransport
 from tests._security import ALICE, BOB, token_file
 from tests.conftest import ComputeGate, ols_spec
+from tests.test_durability import Served
 
 C, N = 5, 16
 SEGMENT = 1 << 20
@@ -590,43 +591,15 @@ def free_port() -> int:
         return port
 
 
-class Serve:
+class Serve(Served):
     """`lossd serve` on ``port`` with a sqlite store and the local socket ``directory/l.sock``."""
 
     def __init__(self, port: int, directory: Path) -> None:
         self.socket = directory / "l.sock"
-        command = [sys.executable, "-m", "lossd_server", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--device", "cpu", "--workers", "2", "--store", "sqlite", "--state-dir", str(directory)]
-        command += ["--local-socket", str(self.socket), "--grace-seconds", "10"]
-        env = {**os.environ, "LOSSD_TORCH_THREADS": "1"}
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        assert self.process.stderr is not None
-        self.log: list[str] = []
-        for _ in range(50):
-            line = self.process.stderr.readline()
-            self.log.append(line)
-            if "serving on" in line or not line:
-                break
-        if "serving on" not in self.log[-1]:
-            self.process.kill()
-            pytest.fail("no 'serving on' line:\n" + "".join(self.log))
-        self.target = f"127.0.0.1:{port}"
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
+        super().__init__(directory, "--local-socket", str(self.socket), "--grace-seconds", "10", port=port)
 
     def stop(self, sig: signal.Signals) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(timeout=30)
-        self._reader.join(timeout=10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        return code
+        return self.kill(sig)
 
 
 @pytest.fixture()
