@@ -33,6 +33,7 @@ class LocalUnavailable(Exception):
 
 
 def boot_id() -> str:
+    """This kernel's boot id: equal for every process (and container) on one host, and only there."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:

@@ -44,6 +44,7 @@ from lossd._exceptions import (
     UnauthenticatedError,
     UnavailableError,
 )
+from lossd._local import boot_id
 from lossd.v1 import loss_service_pb2 as pb
 from lossd_server.admission import math_footprint
 from lossd_server.answer import Answer
@@ -64,14 +65,6 @@ _OK = grpc.StatusCode.OK.value[0]
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _METHOD = "the local transport"
 _REPLY_CODE = struct.Struct("<Ii")  # a reply's magic and status code
-
-
-def boot_id() -> str:
-    """This kernel's boot id: equal for every process (and container) on one host, and only there."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 class Tickets:
