@@ -296,6 +296,22 @@ def test_state_dir_is_a_volume_owned_by_the_user(dockerfile: list[Instruction]) 
     assert chown < keywords.index("VOLUME")
 
 
+def test_the_local_socket_is_on_a_shared_volume_the_server_can_bind_in(
+    gpu: dict[str, Any], dockerfile: list[Instruction]
+) -> None:
+    """Trainer containers reach the local transport through a named volume holding the socket; the image
+    creates its mount point owned by the server's user, which a fresh named volume inherits."""
+    socket_dir = str(Path(environment(gpu)["LOSSD_LOCAL_SOCKET"]).parent)
+    mounts = [volume.split(":")[:2] for volume in gpu.get("volumes") or [] if isinstance(volume, str)]
+    named = [source for source, target in mounts if target == socket_dir]
+    assert named and named[0] in (compose(COMPOSE).get("volumes") or {}), f"no named volume at {socket_dir}"
+    assert "ipc" not in gpu, "the memfd travels over the socket: no shared IPC namespace is needed"
+    assert any(
+        instruction.keyword == "RUN" and re.search(rf"chown \S+ [^&]*{re.escape(socket_dir)}\b", instruction.args)
+        for instruction in dockerfile
+    ), f"the image does not create {socket_dir} owned by the server's user"
+
+
 def test_copy_sources_exist_and_are_not_dockerignored(dockerfile: list[Instruction]) -> None:
     ignored = dockerignore_patterns()
     copies = of(dockerfile, "COPY") + of(dockerfile, "ADD")
