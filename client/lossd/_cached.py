@@ -3,7 +3,7 @@
 ``OnlineLabelSmoothing(..., cached=True)`` keeps an :class:`EpochCache`. Each
 forward computes with :func:`lossd.functional.online_label_smoothing`, the
 function the server runs, on the epoch's S; each training forward adds the
-rows the server would add (:func:`lossd.functional.correct_rows`) to a local
+rows the server would add (:func:`lossd.functional.add_statistics`) to a local
 float64 accumulator. Every ``upload_every`` training steps or ``upload_seconds``
 seconds (checked at each training step) the accumulated rows become one upload
 with its own request id, sent by a background thread through ``AddStatistics``
@@ -168,16 +168,14 @@ class EpochCache:
             self._stats_epoch = epoch
         if not self._steps:
             self._cut_at = time.monotonic()  # upload_seconds counts from the oldest statistics not cut
-        rows, probs = F.correct_rows(output, labels)
-        if rows.numel():
-            if self._accumulator is None or self._accumulator.device != probs.device:
+        if output.n_correct:
+            if self._accumulator is None or self._accumulator.device != labels.device:
                 self.cut()
                 c = self.spec.n_classes
-                self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=probs.device)
-                self._counts = torch.zeros(c, dtype=torch.int64, device=probs.device)
+                self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=labels.device)
+                self._counts = torch.zeros(c, dtype=torch.int64, device=labels.device)
             assert self._counts is not None
-            self._accumulator.index_add_(0, rows, probs)
-            self._counts.index_add_(0, rows, torch.ones_like(rows))
+            F.add_statistics(output, labels, self._accumulator, self._counts)
         self._samples += output.n_used
         self._correct += output.n_correct
         self._steps += 1

@@ -24,7 +24,9 @@ from typing import Literal, overload
 
 import torch
 
-from lossd import _compiled
+from lossd import _kernels
+from lossd._fused import Backend, FusedRows
+from lossd._kernels import MathKernel
 
 Reduction = Literal["mean", "sum", "none"]
 Convention = Literal["uniform", "off_target"]
@@ -45,9 +47,11 @@ class LossOutput:
 
     loss: torch.Tensor  # scalar, or [N] for reduction "none"
     grad: torch.Tensor | None  # [N, C] in the compute dtype
-    probs: torch.Tensor  # [N, C] softmax, compute dtype
+    probs: torch.Tensor | None  # [N, C] softmax, compute dtype; None from a fused kernel, which keeps none
     valid: torch.Tensor | None  # [N] bool: label != ignore_index; None: every row counts
     correct: torch.Tensor  # [N] bool: valid and argmax(logits) == label (first maximum on ties)
+    # From a fused kernel: (the kernel, the logits it read, its per-row answer), for the statistics.
+    fused: tuple[Backend, torch.Tensor, FusedRows] | None = None
 
     # Cached: each is a device sync on CUDA, and both the statistics and the response read them.
     @functools.cached_property
@@ -75,7 +79,7 @@ class Targets:
     unless they must be: ``t_ic = table_scale * table[y_i, c] + base + spike * [c == y_i]``.
 
     ``table`` is OLS's class-major soft labels; the loss gathers its rows by label itself (so a
-    compiled loss fuses the gather into its loops), and ``table_scale`` (``1 - alpha``) folds into
+    fused kernel reads them in its loops), and ``table_scale`` (``1 - alpha``) folds into
     per-row scalars instead of costing a pass over [N, C].
     """
 
@@ -125,7 +129,7 @@ def target_cross_entropy(
     weight: torch.Tensor | None = None,
     reduction: Reduction = "mean",
     need_grad: bool = True,
-    compiled: bool = False,
+    kernel: MathKernel | Backend = "eager",
 ) -> LossOutput:
     """Loss and gradient of ``sum_c w_c t_ic (-log p_ic)`` in one pass over the logits.
 
@@ -135,18 +139,25 @@ def target_cross_entropy(
     torch does; when that sum is zero the loss is NaN (as in torch) and the
     gradient is zero.
 
-    ``compiled=True`` runs the same math through ``torch.compile`` (see
-    :mod:`lossd._compiled`): a few fused kernels instead of ~30 ops, the same
-    numbers to rounding; it falls back to this eager code where compiling fails.
+    ``kernel`` picks the code (:mod:`lossd._kernels`): ``eager``, these torch ops, the
+    definition; ``fused``, one kernel for the device (numba on the CPU, Triton on CUDA)
+    with the same formulas, equal to rounding, or an error where it cannot load;
+    ``auto``, the fused kernel where it loads and the eager ops otherwise. A batch
+    whose fused loss is not finite (NaN or infinite logits, a mean over no weight) is
+    computed again eagerly, so such rows come out exactly as the eager math has them.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
+    backend = _kernels.resolve(kernel, logits.device)
+    if backend is not None:
+        rows = backend.loss_rows(
+            logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale,
+            weight, reduction, need_grad,
+        )  # fmt: skip
+        if bool(torch.isfinite(rows.loss).all()):
+            return LossOutput(rows.loss, rows.grad, None, valid, rows.correct, (backend, logits, rows))
     args = (logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale, weight)
-    if compiled:
-        terms = _compiled.compiled_loss_terms(loss_terms, *args, reduction=reduction, need_grad=need_grad)
-    else:
-        terms = loss_terms(*args, reduction=reduction, need_grad=need_grad)
-    loss, grad, probs, at_max, several = terms
+    loss, grad, probs, at_max, several = loss_terms(*args, reduction=reduction, need_grad=need_grad)
     correct = break_ties(logits, labels, at_max, several)
     if valid is not None:
         correct &= valid
@@ -166,10 +177,9 @@ def loss_terms(
     reduction: Reduction,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The body of :func:`target_cross_entropy`, free of data-dependent control flow so that
-    ``torch.compile`` traces it whole: (loss, grad, probs, label at the row maximum, rows whose
-    argmax needs a tie-break or None). The scalars may be 0-dim tensors (the compiled path passes
-    them so, so a new alpha is data, not a recompile); a ``base`` of exactly 0.0 skips its term.
+    """The eager body of :func:`target_cross_entropy`, free of data-dependent control flow: (loss, grad,
+    probs, label at the row maximum, rows whose argmax needs a tie-break or None). The scalars may be
+    0-dim tensors; a ``base`` of exactly 0.0 skips its term.
     On the CPU the cost is the op count as much as the bytes, so per-row factors stay Python
     scalars where they are constant (no weights, no ignored rows).
     """
@@ -275,14 +285,14 @@ def smoothed_cross_entropy(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduction: Reduction = "mean",
     need_grad: bool = True,
-    compiled: bool = False,
+    kernel: MathKernel | Backend = "eager",
 ) -> LossOutput:
     """Cross-entropy with label smoothing. ``uniform`` with any ``smoothing`` equals
     ``F.cross_entropy(logits, labels, weight=, ignore_index=, reduction=, label_smoothing=)``."""
     labels_safe, valid = safe_labels(labels, ignore_index)
     targets = smoothed_targets(logits.shape[1], smoothing, convention)
     return target_cross_entropy(
-        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, compiled=compiled
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, kernel=kernel
     )
 
 
@@ -296,13 +306,13 @@ def online_label_smoothing(
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     reduction: Reduction = "mean",
     need_grad: bool = True,
-    compiled: bool = False,
+    kernel: MathKernel | Backend = "eager",
 ) -> LossOutput:
     """``alpha * CE(z, y) + (1 - alpha) * sum_c -S[c, y] log p_c`` with class-major ``soft_labels``."""
     labels_safe, valid = safe_labels(labels, ignore_index)
     targets = ols_targets(soft_labels, alpha)
     return target_cross_entropy(
-        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, compiled=compiled
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, kernel=kernel
     )
 
 
@@ -334,7 +344,23 @@ def correct_rows(output: LossOutput, labels: torch.Tensor) -> tuple[torch.Tensor
     ``index_add_`` rather than indexed assignment.
     """
     index = output.correct.nonzero().squeeze(1)
+    if output.fused is not None:
+        backend, logits, rows = output.fused
+        return labels.index_select(0, index), backend.correct_probs(logits, rows, index)
+    assert output.probs is not None
     return labels.index_select(0, index), output.probs.index_select(0, index).to(torch.float64)
+
+
+def add_statistics(output: LossOutput, labels: torch.Tensor, accumulator: torch.Tensor, counts: torch.Tensor) -> None:
+    """``accumulator[y] += p`` and ``counts[y] += 1`` for every correct row, in place: what
+    :func:`correct_rows` and two ``index_add_`` do, in one kernel call after a fused kernel."""
+    if output.fused is not None:
+        backend, logits, rows = output.fused
+        backend.add_statistics(logits, labels, rows, accumulator, counts)
+        return
+    rows_labels, probs = correct_rows(output, labels)
+    accumulator.index_add_(0, rows_labels, probs)
+    counts.index_add_(0, rows_labels, torch.ones_like(rows_labels))
 
 
 def next_soft_labels(

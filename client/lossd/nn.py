@@ -26,6 +26,7 @@ from lossd._client import Client
 from lossd._config import DEFAULT_BARRIER_TIMEOUT, DEFAULT_TIMEOUT, TLSConfig
 from lossd._distributed import barrier_if_initialised, resolve_ranks
 from lossd._exceptions import InvalidArgumentError, NotFoundError
+from lossd._kernels import MathKernel, check_choice, warm_up
 from lossd._retry import RetryPolicy
 from lossd._spec import SessionSpec
 from lossd._types import SessionInfo, SessionState
@@ -100,7 +101,7 @@ class _CachedLoss(_RemoteLoss):
             ignore_index=spec.ignore_index,
             reduction=spec.reduction,
             need_grad=need_grad,
-            compiled=module.compile_math,
+            kernel=module.math_kernel,
         )
         if not bool(torch.isfinite(output.loss).all()) and not bool(torch.isfinite(logits).all()):
             raise InvalidArgumentError("logits: contains NaN or infinity")
@@ -414,9 +415,10 @@ class OnlineLabelSmoothing(RemoteLoss):
     accumulated here in float64 and uploaded in the background every
     ``upload_every`` training steps or ``upload_seconds`` seconds (None: only at
     :meth:`next_epoch`, which uploads the rest before it arrives at the barrier).
-    ``compile_math=True`` runs that local math through ``torch.compile`` (fused
-    kernels, the same numbers to rounding; needs a C++ compiler, or Triton on a
-    GPU, and compiles for seconds on first use; eager where compiling fails).
+    ``math_kernel`` picks that local math as the server's ``--math-kernel`` does:
+    ``auto`` (the default) runs the fused kernel of the logits' device where it
+    loads (numba on the CPU, loaded when the module is made; Triton on CUDA) and
+    the eager torch ops otherwise, ``fused`` insists, ``eager`` never tries.
     """
 
     _epoch_tagged = True
@@ -437,17 +439,20 @@ class OnlineLabelSmoothing(RemoteLoss):
         cached: bool = False,
         upload_every: int | None = 100,
         upload_seconds: float | None = 10.0,
-        compile_math: bool = False,
+        math_kernel: MathKernel = "auto",
         **connection: Any,
     ) -> None:
-        if compile_math and not cached:
-            raise ValueError("compile_math: applies to cached=True (the server's --compile-math covers remote mode)")
+        check_choice(math_kernel)
+        if math_kernel != "auto" and not cached:
+            raise ValueError("math_kernel: applies to cached=True (the server's --math-kernel covers remote mode)")
         if upload_every is not None and upload_every < 1:
             raise ValueError(f"upload_every: expected a positive number of steps or None but got {upload_every}")
         if upload_seconds is not None and upload_seconds <= 0:
             raise ValueError(f"upload_seconds: expected a positive number of seconds or None but got {upload_seconds}")
         self.cached, self.upload_every, self.upload_seconds = cached, upload_every, upload_seconds
-        self.compile_math = compile_math
+        self.math_kernel = math_kernel
+        if cached:
+            warm_up(math_kernel, torch.device("cpu"))  # so the first step does not wait for numba
         self._cache: EpochCache | None = None
         world_size, rank = resolve_ranks(world_size, rank)
         if world_size > 1 and connection.get("session") is None:

@@ -15,6 +15,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lossd._kernels import warm_up
 from lossd._malloc import tune_malloc
 from lossd.v1 import loss_service_pb2 as pb
 from lossd.v1 import loss_service_pb2_grpc as pb_grpc
@@ -137,6 +138,8 @@ async def start(settings: Settings) -> Running:
     if settings.port != 0:
         _refuse_busy_port(settings.bind_host, settings.port)  # before the store is opened and checked
     device = resolve_device(settings.device)
+    # Load the loss kernel now (compiled, or read from numba's cache), so no request waits for a compiler.
+    math_kernel = warm_up(settings.math_kernel, device)
     limit = settings.resolved_max_message_bytes
     work_memory = request_memory(settings)
     # A damaged store file fails here too; it is checked read-only and left as it is.
@@ -205,17 +208,19 @@ async def start(settings: Settings) -> Running:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "lossd %s serving on %s:%d (device=%s, torch=%s, workers=%d)",
+        "lossd %s serving on %s:%d (device=%s, math=%s, torch=%s, workers=%d)",
         __version__,
         host,
         port,
         device,
+        math_kernel,
         torch.__version__,
         settings.workers,
         extra={
             "address": f"{host}:{port}",
             "version": __version__,
             "device": str(device),
+            "math_kernel": math_kernel,
             "torch": torch.__version__,
             "workers": settings.workers,
         },

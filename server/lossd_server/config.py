@@ -68,11 +68,11 @@ class Settings(BaseSettings):
     )
     workers: int = Field(8, ge=1, description="Threads that run the loss math.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
-    compile_math: bool = Field(
-        False,
-        description="Run the loss math through torch.compile: fused kernels, the same numbers to rounding. "
-        "Needs a C++ compiler (and Triton on a GPU); the first request of each kind compiles for seconds. "
-        "Falls back to eager math, with a warning, where compiling fails.",
+    math_kernel: Literal["auto", "fused", "eager"] = Field(
+        "auto",
+        description="The loss math: 'fused', one kernel for the device (numba on the CPU, Triton on CUDA), "
+        "loaded at start-up, which fails where it cannot load; 'eager', torch ops; 'auto', the fused kernel "
+        "where it loads and the eager ops otherwise. The same numbers to float rounding. Start-up says which.",
     )
     inline_math_bytes: int = Field(
         0,

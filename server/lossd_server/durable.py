@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lossd._exceptions import LossdError, NotFoundError, ResourceExhaustedError, UnavailableError
+from lossd._kernels import MathKernel
 from lossd._spec import SessionSpec
 from lossd_server.config import Settings
 from lossd_server.memory import MemoryAccount, Reservation, Unlimited
@@ -74,7 +75,7 @@ class DurableStore:
         snapshot_seconds: float = 5.0,
         history_bytes: int = 64 << 20,
         idle_ttl_seconds: float = 1800.0,
-        compiled_math: bool = False,
+        math_kernel: MathKernel = "eager",
         work_memory: MemoryAccount | None = None,
     ) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ class DurableStore:
             Session,
             device=device,
             replay=self._replay,
-            compiled_math=compiled_math,
+            math_kernel=math_kernel,
             state_memory=self.memory,
             work_memory=self._work_memory,
         )
@@ -96,7 +97,7 @@ class DurableStore:
             Session.from_stored,
             device=device,
             replay=self._replay,
-            compiled_math=compiled_math,
+            math_kernel=math_kernel,
             state_memory=self.memory,
             work_memory=self._work_memory,
         )
@@ -440,7 +441,7 @@ def open_store(settings: Settings, device: torch.device, work_memory: MemoryAcco
             max_sessions=settings.max_sessions,
             matrix_memory_bytes=settings.matrix_memory_bytes,
             replay=replay,
-            compiled_math=settings.compile_math,
+            math_kernel=settings.math_kernel,
             work_memory=work_memory,
         )
     return DurableStore(
@@ -452,6 +453,6 @@ def open_store(settings: Settings, device: torch.device, work_memory: MemoryAcco
         snapshot_seconds=settings.snapshot_seconds,
         history_bytes=settings.history_bytes,
         idle_ttl_seconds=settings.idle_ttl_seconds,
-        compiled_math=settings.compile_math,
+        math_kernel=settings.math_kernel,
         work_memory=work_memory,
     )

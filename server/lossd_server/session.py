@@ -22,6 +22,7 @@ import torch
 
 from lossd import functional as F
 from lossd._exceptions import AbortedError, FailedPreconditionError, InvalidArgumentError, LossdError
+from lossd._kernels import MathKernel
 from lossd._spec import SessionSpec
 from lossd_server.batch import Batch
 from lossd_server.memory import MemoryAccount, Reservation, Unlimited
@@ -140,7 +141,7 @@ class Session:
         device: torch.device,
         replay: ReplayLimits | None = None,
         *,
-        compiled_math: bool = False,
+        math_kernel: MathKernel = "eager",
         state_memory: MemoryAccount | None = None,
         work_memory: MemoryAccount | None = None,
         initial_state: bool = True,
@@ -151,7 +152,7 @@ class Session:
         # The budgets: what the session holds (its reservation is the store's), and transient work.
         self.memory: Reservation | None = None
         self._work_memory = work_memory or Unlimited()
-        self.compiled_math = compiled_math  # the loss math through torch.compile (lossd._compiled)
+        self.math_kernel = math_kernel  # the eager ops or the device's fused kernel (lossd._kernels)
         self.spec = spec
         self.device = device
         self.created_at = self.updated_at = time.time()
@@ -258,7 +259,7 @@ class Session:
             weight=self._weight,
             reduction=spec.reduction,
             need_grad=need_grad,
-            compiled=self.compiled_math,
+            kernel=self.math_kernel,
         )
 
     def _soft_labels_or_none(self) -> torch.Tensor | None:
@@ -571,7 +572,7 @@ class Session:
         replay: ReplayLimits | None,
         progress: list[Progress],
         *,
-        compiled_math: bool = False,
+        math_kernel: MathKernel = "eager",
         state_memory: MemoryAccount | None = None,
         work_memory: MemoryAccount | None = None,
     ) -> Session:
@@ -585,7 +586,7 @@ class Session:
             stored.spec,
             device,
             replay,
-            compiled_math=compiled_math,
+            math_kernel=math_kernel,
             state_memory=state_memory,
             work_memory=work_memory,
             initial_state=False,

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from lossd._exceptions import AlreadyExistsError, NotFoundError, ResourceExhaustedError
+from lossd._kernels import MathKernel
 from lossd._spec import SessionSpec
 from lossd_server.identifiers import check_session_name
 from lossd_server.memory import MemoryAccount, Unlimited
@@ -126,7 +127,7 @@ class MemoryStore:
         max_sessions: int,
         matrix_memory_bytes: int,
         replay: ReplayLimits | None = None,
-        compiled_math: bool = False,
+        math_kernel: MathKernel = "eager",
         work_memory: MemoryAccount | None = None,
     ) -> None:
         self._replay = replay or ReplayLimits()
@@ -137,7 +138,7 @@ class MemoryStore:
             Session,
             device=device,
             replay=self._replay,
-            compiled_math=compiled_math,
+            math_kernel=math_kernel,
             state_memory=self.memory,
             work_memory=self._work_memory,
         )

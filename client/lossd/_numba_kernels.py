@@ -1,0 +1,250 @@
+"""numba kernels of :mod:`lossd._fused_cpu` (imported only once numba's threading layer is chosen).
+
+Module-level functions, so that numba's on-disk cache (``cache=True``) can keep them: a
+function defined inside another one is compiled anew in every process. ``error_model="numpy"``:
+a division by zero gives inf or NaN, as torch's does, where Python's model would raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+MEAN, SUM, NONE = 0, 1, 2  # lossd._fused.REDUCTIONS' order
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp_shifted_f32(xi: Any, m: Any, e: Any) -> None:
+    """``e = exp(xi - m)`` for ``xi <= m`` in float32, vectorised: numba's ``np.exp`` is a scalar libm
+    call per element (about 5x slower) since the LLVM it ships has no vector math library.
+    Cephes' expf: ``2^k * exp(r)`` with ``k = round(s / ln 2)``, ``r`` from a two-part ln 2 (exact
+    products), a degree-7 polynomial for ``exp(r)`` on [-ln2/2, ln2/2] (about 1 ulp), and ``2^k``
+    built from its exponent bits; below exp(-87.3) (under float32's smallest normal) it gives 0."""
+    bits = np.empty(xi.shape[0], dtype=np.int32)
+    scale = bits.view(np.float32)
+    low = np.float32(-87.3)
+    for c in range(xi.shape[0]):
+        shifted = xi[c] - m
+        s = max(shifted, low)
+        k = np.floor(s * np.float32(1.44269504088896341) + np.float32(0.5))
+        r = s - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+        poly = np.float32(1.9875691500e-4)
+        poly = poly * r + np.float32(1.3981999507e-3)
+        poly = poly * r + np.float32(8.3334519073e-3)
+        poly = poly * r + np.float32(4.1665795894e-2)
+        poly = poly * r + np.float32(1.6666665459e-1)
+        poly = poly * r + np.float32(5.0000001201e-1)
+        e[c] = poly * r * r + r + np.float32(1)
+        bits[c] = (np.int32(k) + 127) << 23 if shifted >= low else 0
+    for c in range(xi.shape[0]):
+        e[c] *= scale[c]
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", inline="always", cache=True)
+def row(
+    x: Any,
+    i: int,
+    label: int,
+    is_valid: bool,
+    weight: Any,
+    sum_weight: Any,
+    table: Any,
+    params: Any,
+    scale: Any,
+    need_grad: bool,
+    grad: Any,
+    losses: Any,
+    correct: Any,
+    row_max: Any,
+    inv_sum: Any,
+) -> None:
+    n_classes = x.shape[1]
+    spike, base, table_scale = params[0], params[1], params[2]
+    zero = params[3]  # 0 in the compute dtype
+    has_weight = weight.shape[0] > 0
+    has_table = table.shape[1] > 0
+    trow = table[label if has_table else 0]  # no table: a [1, 0] placeholder
+    xi = x[i]
+    m = xi[0]
+    for c in range(1, n_classes):
+        m = max(m, xi[c])
+    # e = exp(z - m) goes into the gradient row (or scratch) so that exp runs once per logit.
+    e = grad[i] if need_grad else np.empty(n_classes, dtype=x.dtype)
+    if x.itemsize == 4:
+        exp_shifted_f32(xi, m, e)
+    else:
+        for c in range(n_classes):
+            e[c] = np.exp(xi[c] - m)
+    total = zero
+    ties = zero
+    poison = zero  # z * 0: NaN for any NaN or infinity in the row
+    for c in range(n_classes):
+        total += e[c]
+        poison += xi[c] * zero
+        ties += 1 if xi[c] == m else 0
+    # dot = sum_c q_c (z_c - m), mass = sum_c q_c, term by term (spike, base, table).
+    w_label = weight[label] if has_weight else zero + 1
+    row_spike = spike * w_label
+    dot = row_spike * (xi[label] - m)
+    mass = row_spike
+    if base != 0:
+        shifted_sum = zero
+        if has_weight:
+            for c in range(n_classes):
+                shifted_sum += weight[c] * (xi[c] - m)
+        else:
+            for c in range(n_classes):
+                shifted_sum += xi[c] - m
+        dot += base * shifted_sum
+        mass += base * sum_weight
+    if has_table:
+        table_dot = zero
+        table_mass = zero
+        if has_weight:
+            for c in range(n_classes):
+                t = weight[c] * trow[c]
+                table_dot += t * (xi[c] - m)
+                table_mass += t
+        else:
+            for c in range(n_classes):
+                t = zero + trow[c]
+                table_dot += t * (xi[c] - m)
+                table_mass += t
+        dot += table_scale * table_dot
+        mass += table_scale * table_mass
+    inv = 1 / total
+    row_max[i] = m
+    inv_sum[i] = inv
+    losses[i] = (mass * np.log(total) - dot + poison) if is_valid else zero + poison
+    hit = is_valid and xi[label] == m
+    if hit and ties > 1:  # several maxima: the label counts only if it is the first
+        for c in range(label):
+            if xi[c] == m:
+                hit = False
+                break
+    correct[i] = hit
+    if need_grad:
+        rs = scale if is_valid else zero
+        g = grad[i]
+        factor = mass * inv * rs
+        if has_table:
+            t_factor = table_scale * rs
+            base_factor = base * rs
+            if has_weight:
+                for c in range(n_classes):
+                    g[c] = factor * g[c] - weight[c] * (t_factor * trow[c] + base_factor)
+            else:
+                for c in range(n_classes):
+                    g[c] = factor * g[c] - (t_factor * trow[c] + base_factor)
+        elif base != 0:
+            base_factor = base * rs
+            if has_weight:
+                for c in range(n_classes):
+                    g[c] = factor * g[c] - weight[c] * base_factor
+            else:
+                for c in range(n_classes):
+                    g[c] = factor * g[c] - base_factor
+        else:
+            for c in range(n_classes):
+                g[c] = factor * g[c]
+        g[label] -= row_spike * rs
+
+
+@njit(error_model="numpy", cache=True)
+def row_scale(labels: Any, valid: Any, weight: Any, reduction: int, zero: Any) -> tuple[Any, Any]:
+    """(the reduction's factor for valid rows, the mean's denominator)."""
+    n = labels.shape[0]
+    if reduction != MEAN:
+        return zero + 1, zero + 1
+    if weight.shape[0] == 0 and valid.shape[0] == 0:
+        denominator = zero + n
+    else:
+        denominator = zero
+        for i in range(n):
+            if valid.shape[0] == 0 or valid[i]:
+                denominator += weight[labels[i]] if weight.shape[0] > 0 else 1
+    return (1 / denominator if denominator > 0 else zero), denominator
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
+def loss_rows(
+    x: Any,
+    labels: Any,
+    valid: Any,
+    weight: Any,
+    table: Any,
+    params: Any,
+    reduction: int,
+    need_grad: bool,
+    grad: Any,
+    losses: Any,
+    correct: Any,
+    row_max: Any,
+    inv_sum: Any,
+) -> Any:
+    zero = params[3]
+    scale, denominator = row_scale(labels, valid, weight, reduction, zero)
+    sum_weight = zero + x.shape[1]
+    if weight.shape[0] > 0:
+        sum_weight = zero
+        for c in range(weight.shape[0]):
+            sum_weight += weight[c]
+    has_valid = valid.shape[0] > 0
+    for i in prange(x.shape[0]):
+        row(
+            x, i, labels[i], valid[i] if has_valid else True, weight, sum_weight, table, params,
+            scale, need_grad, grad, losses, correct, row_max, inv_sum,
+        )  # fmt: skip
+    if reduction == NONE:
+        return zero
+    total = zero
+    for i in range(x.shape[0]):
+        total += losses[i]
+    return total / denominator if reduction == MEAN else total
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def probs_into(xi: Any, m: Any, inv: Any, e: Any) -> None:
+    """``e = softmax row`` rounded in the compute dtype, as ``probs`` of the eager math."""
+    if xi.itemsize == 4:
+        exp_shifted_f32(xi, m, e)
+    else:
+        for c in range(xi.shape[0]):
+            e[c] = np.exp(xi[c] - m)
+    for c in range(xi.shape[0]):
+        e[c] *= inv
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
+def add_statistics(
+    x: Any, labels: Any, correct: Any, row_max: Any, inv_sum: Any, accumulator: Any, counts: Any
+) -> None:
+    """``accumulator[y_i] += p_i`` and ``counts[y_i] += 1`` for the correct rows. Parallel over column
+    blocks: each thread owns whole columns of the accumulator, so rows sharing a label never race."""
+    n, n_classes = x.shape
+    block = 512
+    for start in prange((n_classes + block - 1) // block):
+        low = start * block
+        high = min(low + block, n_classes)
+        e = np.empty(high - low, dtype=x.dtype)
+        for i in range(n):
+            if correct[i]:
+                if start == 0:
+                    counts[labels[i]] += 1
+                probs_into(x[i, low:high], row_max[i], inv_sum[i], e)
+                target = accumulator[labels[i]]
+                for c in range(low, high):
+                    target[c] += np.float64(e[c - low])
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", parallel=True, cache=True)
+def correct_probs(x: Any, index: Any, row_max: Any, inv_sum: Any, out: Any) -> None:
+    for k in prange(index.shape[0]):
+        i = index[k]
+        e = np.empty(x.shape[1], dtype=x.dtype)
+        probs_into(x[i], row_max[i], inv_sum[i], e)
+        for c in range(x.shape[1]):
+            out[k, c] = np.float64(e[c])
