@@ -51,7 +51,8 @@ class ReferenceOLS(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         soft = self.soft_loss(logits, labels)
         hard = self.hard_loss(logits, labels)
-        return self.a * hard + (1 - self.a) * soft
+        loss: torch.Tensor = self.a * hard + (1 - self.a) * soft
+        return loss
 
     def soft_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The soft term against the current ``supervise``; in training mode also :meth:`step`."""

@@ -60,7 +60,7 @@ def main() -> None:
 
         def torch_ls() -> None:
             logits = base.clone().requires_grad_()
-            F.cross_entropy(logits, labels, label_smoothing=0.1).backward()
+            F.cross_entropy(logits, labels, label_smoothing=0.1).backward()  # type: ignore[no-untyped-call]
 
         def module_step(module: lossd.OnlineLabelSmoothing) -> Callable[[], None]:
             def run() -> None:

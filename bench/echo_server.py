@@ -37,10 +37,10 @@ from grpc import aio
 from bench.server import ChildServer
 
 try:
-    from lossd._malloc import tune_malloc
+    from lossd._malloc import tune_malloc as tune_malloc  # re-exported for bench.grpc_servers
 except ImportError:  # a client without it: the allocator stays as it is
 
-    def tune_malloc() -> bool:
+    def tune_malloc(mmap_threshold: int = 0, trim_threshold: int = 0, top_pad: int = 0) -> bool:
         return False
 
 

@@ -1,7 +1,8 @@
-"""One interleaved run over shapes x paths; prints the table and issue 13's targets, optionally writes JSON.
+"""One interleaved run over shapes x paths; prints the table and issues 13's and 14's targets, optionally JSON.
 
     python -m bench [--shapes 64x100,256x1000,1024x1000] [--repeats 60] [--paths a,b,...]
                     [--per-byte-shapes 1024x32000] [--per-byte-repeats 25]
+                    [--math-kernel auto|fused|eager] [--threads-report]
                     [--json FILE] [--quick] [--device cpu|cuda]
 
 For each shape every path is set up, warmed up, then timed round-robin: each round
@@ -17,6 +18,13 @@ loopback). ``grpc_echo`` is the floor of the latter: a bare gRPC bytes echo in a
 child (bench/echo_server.py) on one open stream, sending a step's request bytes (logits
 in the wire dtype and int64 labels) and receiving a gradient's bytes, nothing else.
 
+``--math-kernel`` (default auto) picks the loss math's code everywhere the harness computes it:
+``server_math`` and ``ls_server_math`` (``kernel=``), the ``lossd serve`` child (``--math-kernel``)
+and the ``cached`` path (``math_kernel=``): ``fused`` is one kernel (numba on the CPU, Triton on
+CUDA), ``eager`` the torch ops, ``auto`` the fused kernel where it loads. ``server_math`` is what the
+server computes per OLS training request: ``online_label_smoothing(..., kernel=)`` then
+``add_statistics``; ``server_math_eager`` is the same with ``kernel="eager"`` whatever the option says.
+
 Two sections. The OLS paths run on ``--shapes``. The per-byte paths (``ls_server_math``,
 ``remote_ls_bf16``, ``grpc_echo_bf16``) run on ``--per-byte-shapes`` (default 1024x32000,
 with ``--per-byte-repeats`` rounds, default 25, after 3 warm-up rounds): at C = 32000 an
@@ -28,6 +36,8 @@ transport is measured over. ``--paths`` selects from both sections; ``--per-byte
 none`` skips the second, and ``--quick`` (shape 16x10, 5 rounds) does not run it. The server
 math paths compute loss and gradient in float32 and stop there: the server's cast of the
 gradient to the wire dtype is counted as transport, as it is work the echo does not do.
+``--threads-report`` adds, after the run, ``server_math`` against ``torch_ls`` at 1 and 2 torch
+threads in this process (bench/threads.py, also ``python -m bench.threads``).
 
 This process tunes glibc malloc as the first lossd Client would (``LOSSD_TUNE_MALLOC=false``
 leaves it), so every path runs under the same allocator whichever paths are selected; lossd
@@ -42,6 +52,14 @@ Targets (issue 13), each on its shapes:
 - gRPC per-byte: (remote - its server math) <= 2 x the echo of the same bytes, at 1024x1000 float32
   (remote_f32, server_math, grpc_echo) and 1024x32000 bfloat16 (remote_ls_bf16, ls_server_math,
   grpc_echo_bf16).
+
+Targets (issue 14, the fused kernel), CPU (``--device cpu``), one torch thread (``--threads 1``, the
+default):
+
+- CPU server math vs torch LS: server_math / torch_ls <= 1.0 at 256x1000 and 1024x1000; the stretch
+  bound, <= 0.7 on the same shapes, is a line of its own;
+- cached step vs torch LS: cached / torch_ls <= 1.1 at 256x1000 and 1024x1000;
+- cached step added ms: cached - torch_ls <= 0.05 ms at 64x100.
 """
 
 from __future__ import annotations
@@ -57,21 +75,25 @@ from typing import Any
 
 import torch
 
-from bench import machine
+from bench import machine, threads
 from bench.echo_server import KINDS, EchoServerProcess
 from bench.paths import ECHO, PATHS, REMOTE, Context, Step, Unavailable
 from bench.server import ServerProcess
+from bench.threads import THREADS_REPORT_COUNTS, THREADS_REPORT_SHAPES
+from lossd._kernels import MATH_KERNELS
 
 DEFAULT_SHAPES = "64x100,256x1000,1024x1000"
 DEFAULT_PER_BYTE_SHAPES = "1024x32000"
 DEFAULT_PATHS = ",".join(PATHS)
 QUICK_SHAPES = "16x10"
 PER_BYTE_WARMUP = 3
+ISSUE_14_SHAPES = ((256, 1000), (1024, 1000))
+ISSUE_14: dict[str, Any] = {"issue": 14, "devices": ("cpu",)}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One of issue 13's targets, as a check on the table.
+    """One of an issue's targets (13: the data plane; 14: the fused kernel), as a check on the table.
 
     ``kind``: "ratio": path / reference <= bound; "added_ms": path - reference <= bound (ms);
     "added_ratio": (path - reference) / floor <= bound, e.g. what a remote path adds over its
@@ -85,6 +107,8 @@ class Target:
     bound: float
     shapes: tuple[tuple[int, int], ...] | None  # None: every shape with C >= 1000
     floor: str | None = None  # the path "added_ratio" divides by
+    issue: int = 13
+    devices: tuple[str, ...] | None = None  # the --device kinds it applies to; None: any
 
 
 TARGETS = (
@@ -111,7 +135,16 @@ TARGETS = (
         ((1024, 32000),),
         floor="grpc_echo_bf16",
     ),
+    # Issue 14 (the fused kernel), CPU, one torch thread: the server's math and the cached step against
+    # torch's LS CE. The stretch bound is a line of its own.
+    Target("CPU server math vs torch LS", "server_math", "torch_ls", "ratio", 1.0, ISSUE_14_SHAPES, **ISSUE_14),
+    Target(
+        "CPU server math vs torch LS, stretch", "server_math", "torch_ls", "ratio", 0.7, ISSUE_14_SHAPES, **ISSUE_14
+    ),
+    Target("cached step vs torch LS", "cached", "torch_ls", "ratio", 1.1, ISSUE_14_SHAPES, **ISSUE_14),
+    Target("cached step added ms over torch LS", "cached", "torch_ls", "added_ms", 0.05, ((64, 100),), **ISSUE_14),
 )
+ISSUES = {13: "issue 13 targets", 14: "issue 14 targets (CPU, one torch thread)"}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -174,9 +207,17 @@ def _parser() -> argparse.ArgumentParser:
         "--echo-server", choices=KINDS, default="aio", help="the echo child's gRPC server kind (default aio)"
     )
     parser.add_argument(
-        "--compile-math",
+        "--math-kernel",
+        choices=MATH_KERNELS,
+        default="auto",
+        help="the loss math's kernel: server_math and ls_server_math (kernel=), the server (--math-kernel) and "
+        "the cached path (math_kernel=); fused: numba on the CPU, Triton on CUDA (default auto)",
+    )
+    parser.add_argument(
+        "--threads-report",
         action="store_true",
-        help="torch.compile the loss math: server_math, the server (--compile-math) and the cached path",
+        help=f"after the run, server_math against torch_ls at {THREADS_REPORT_COUNTS} torch threads in this "
+        f"process, at {THREADS_REPORT_SHAPES} (bench/threads.py; about 10 s)",
     )
     parser.add_argument(
         "--inline-math-bytes",
@@ -275,11 +316,14 @@ def _measure(target: Target, value: float, ref: float, floor: float | None) -> f
     raise ValueError(f"unknown target kind {target.kind!r}")
 
 
-def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def check_targets(rows: list[dict[str, Any]], device: str = "cpu") -> list[dict[str, Any]]:
+    """The targets that apply to the rows' shapes (and to ``device``), each from the medians of this run."""
     medians = {(row["n"], row["c"], row["path"]): row.get("median_ms") for row in rows}
     shapes = sorted({(row["n"], row["c"]) for row in rows})
     checks: list[dict[str, Any]] = []
     for target in TARGETS:
+        if target.devices is not None and torch.device(device).type not in target.devices:
+            continue
         applicable = target.shapes if target.shapes is not None else tuple(s for s in shapes if s[1] >= 1000)
         for n, c in applicable:
             if (n, c) not in shapes:
@@ -288,6 +332,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             floor = medians.get((n, c, target.floor)) if target.floor else None
             measured = None if value is None or ref is None else _measure(target, value, ref, floor)
             check: dict[str, Any] = {
+                "issue": target.issue,
                 "target": target.name,
                 "shape": f"{n}x{c}",
                 "kind": target.kind,
@@ -347,10 +392,10 @@ def format_targets(checks: list[dict[str, Any]]) -> str:
     lines = []
     for check in checks:
         if check["value"] is None:
-            lines.append(f"  {check['target']:<34} {check['shape']:>10}  not measured")
+            lines.append(f"  {check['target']:<38} {check['shape']:>10}  not measured")
             continue
         verdict = "met" if check["met"] else "NOT met"
-        lines.append(f"  {check['target']:<34} {check['shape']:>10}  {_describe_bound(check)}  {verdict}")
+        lines.append(f"  {check['target']:<38} {check['shape']:>10}  {_describe_bound(check)}  {verdict}")
     return "\n".join(lines)
 
 
@@ -394,8 +439,6 @@ def main(argv: list[str] | None = None) -> int:
             options[kind] = dict(given)
     if args.cached_kwargs is not None:
         options["cached"] = dict(args.cached_kwargs)
-    elif args.compile_math:
-        options["cached"] = {"cached": True, "compile_math": True}
     info = machine.describe(str(device))
     print(machine.header(info))
     print(f"{repeats} interleaved rounds per shape after {warmup} warm-up rounds; median per path", flush=True)
@@ -409,8 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if REMOTE.intersection(running):
             extra = ["--matrix-memory-bytes", str(args.server_budget)] if args.server_budget else []
-            if args.compile_math:
-                extra += ["--compile-math", "true"]
+            extra += ["--math-kernel", args.math_kernel]
             if args.inline_math_bytes:
                 extra += ["--inline-math-bytes", str(args.inline_math_bytes)]
             server = ServerProcess(torch_threads=args.server_threads, device=args.device, extra=extra)
@@ -422,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             target=server.target if server else None,
             options=options,
-            compile_math=args.compile_math,
+            math_kernel=args.math_kernel,
             echo_target=echo.target if echo else None,
         )
         sections = [("ols", shapes, ols_names, repeats, warmup)]
@@ -445,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{child.name} exited early with status {child.process.returncode}; its last lines:\n{tail}")
             child.stop()
     add_ratios(rows)
-    checks = check_targets(rows)
+    checks = check_targets(rows, args.device)
     print()
     print(format_table(rows))
     used = {row["path"]: row["kwargs"] for row in rows if row.get("kwargs")}
@@ -454,9 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row.get("note"):
             print(f"note: {row['shape']} {row['path']}: {row['note']}")
-    if checks:
-        print("\nissue 13 targets (from the medians of this run):")
-        print(format_targets(checks))
+    for issue, title in ISSUES.items():
+        issue_checks = [check for check in checks if check["issue"] == issue]
+        if issue_checks:
+            print(f"\n{title} (from the medians of this run):")
+            if issue == 14 and args.threads != 1:
+                print(f"  (this run used --threads {args.threads}: the bounds are for one thread)")
+            print(format_targets(issue_checks))
+    threads_rows: list[dict[str, Any]] = []
+    if args.threads_report:
+        print(f"\nthreads report ({threads.DESCRIPTION}):", flush=True)
+        threads_rows = threads.run(math_kernel=args.math_kernel)
+        print(threads.format_report(threads_rows))
+        torch.set_num_threads(args.threads)
     if args.json:
         document = {
             "machine": info,
@@ -469,10 +521,14 @@ def main(argv: list[str] | None = None) -> int:
                 "per_byte_repeats": args.per_byte_repeats,
                 "per_byte_warmup": PER_BYTE_WARMUP,
                 "echo_server": args.echo_server,
+                "math_kernel": args.math_kernel,
+                "threads": args.threads,
+                "server_threads": args.server_threads,
             },
             "paths": {name: PATHS[name].description for name in names},
             "results": rows,
             "targets": checks,
+            **({"threads_report": threads_rows} if args.threads_report else {}),
         }
         with open(args.json, "w") as file:
             json.dump(document, file, indent=2)

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 import lossd
 from bench.baseline import ReferenceOLS
 from bench.echo_server import EchoStream
+from lossd import _kernels
 from lossd import functional as LF
+from lossd._kernels import MathKernel
 
 ALPHA = 0.5
 SMOOTHING = 0.1
@@ -40,7 +42,7 @@ class Context:
     device: torch.device
     target: str | None  # the lossd child server's address; None: no remote paths
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # --local/--stream/--cached-kwargs overrides
-    compile_math: bool = False  # server_math through torch.compile (--compile-math)
+    math_kernel: MathKernel = "auto"  # server_math's and the cached path's kernel (--math-kernel)
     echo_target: str | None = None  # the echo child server's address; None: no echo paths
 
 
@@ -97,22 +99,43 @@ def reference_ols(ctx: Context, n: int, c: int) -> Step:
     return Step(_backward_step(logits, lambda: module(logits, labels)))
 
 
-def server_math(ctx: Context, n: int, c: int) -> Step:
-    """What the server does per OLS training request, in-process, without RPC or decoding:
-    the fused loss + gradient, then the statistics update (session.compute)."""
-    logits, labels = batch(n, c, ctx.device)
-    z = logits.detach()
-    soft = LF.initial_soft_labels(c, SMOOTHING, device=ctx.device)
-    accumulator = torch.zeros(c, c, dtype=torch.float64, device=ctx.device)
-    counts = torch.zeros(c, dtype=torch.int64, device=ctx.device)
+def _kernel_note(kernel: MathKernel, device: torch.device) -> Callable[[], str]:
+    """What ``kernel`` runs on ``device``, in words (read after timing, as other notes are)."""
 
-    def run() -> None:
-        output = LF.online_label_smoothing(z, labels, soft, alpha=ALPHA, compiled=ctx.compile_math)
-        rows, probs = LF.correct_rows(output, labels)
-        accumulator.index_add_(0, rows, probs)
-        counts.index_add_(0, rows, torch.ones_like(rows))
+    def note() -> str:
+        try:
+            return f"math kernel {kernel}: {_kernels.describe(kernel, device)}"
+        except Exception as error:  # fused asked for where it cannot load: the path says "failed" too
+            return f"math kernel {kernel}: {type(error).__name__}: {error}"
 
-    return Step(run)
+    return note
+
+
+def _server_math(kernel: Callable[[Context], MathKernel]) -> Callable[[Context, int, int], Step]:
+    """What the server computes per OLS training request, in-process, without RPC or decoding:
+    loss + gradient (``online_label_smoothing``), then the statistics (``add_statistics``: the
+    correct rows' probabilities into the accumulator and the counts, one kernel call after a fused
+    output). No gradient cast: that is the transport's."""
+
+    def make(ctx: Context, n: int, c: int) -> Step:
+        chosen = kernel(ctx)
+        logits, labels = batch(n, c, ctx.device)
+        z = logits.detach()
+        soft = LF.initial_soft_labels(c, SMOOTHING, device=ctx.device)
+        accumulator = torch.zeros(c, c, dtype=torch.float64, device=ctx.device)
+        counts = torch.zeros(c, dtype=torch.int64, device=ctx.device)
+
+        def run() -> None:
+            output = LF.online_label_smoothing(z, labels, soft, alpha=ALPHA, kernel=chosen)
+            LF.add_statistics(output, labels, accumulator, counts)
+
+        return Step(run, kwargs={"kernel": chosen}, note=_kernel_note(chosen, ctx.device))
+
+    return make
+
+
+server_math = _server_math(lambda ctx: ctx.math_kernel)
+server_math_eager = _server_math(lambda ctx: "eager")
 
 
 def ls_server_math(ctx: Context, n: int, c: int) -> Step:
@@ -123,9 +146,9 @@ def ls_server_math(ctx: Context, n: int, c: int) -> Step:
     z = logits.detach()
 
     def run() -> None:
-        LF.smoothed_cross_entropy(z, labels, smoothing=SMOOTHING, convention="off_target", compiled=ctx.compile_math)
+        LF.smoothed_cross_entropy(z, labels, smoothing=SMOOTHING, convention="off_target", kernel=ctx.math_kernel)
 
-    return Step(run)
+    return Step(run, kwargs={"kernel": ctx.math_kernel}, note=_kernel_note(ctx.math_kernel, ctx.device))
 
 
 # The epoch-cached mode's keyword: the first one the client accepts wins; --cached-kwargs (JSON)
@@ -180,14 +203,15 @@ def grpc_option(ctx: Context) -> dict[str, Any]:
 
 
 def cached_option(ctx: Context) -> dict[str, Any]:
-    """The keyword arguments of the epoch-cached mode, or Unavailable."""
+    """The keyword arguments of the epoch-cached mode, with ``math_kernel=`` (--math-kernel) where the client
+    takes it, or Unavailable. --cached-kwargs (or $LOSSD_BENCH_CACHED_KWARGS) is taken as it is."""
     override = _override("cached", ctx)
     if override is not None:
         return override
     accepted = accepted_keywords()
     for candidate in CACHED_CANDIDATES:
         if set(candidate) <= accepted:
-            return candidate
+            return {**candidate, "math_kernel": ctx.math_kernel} if "math_kernel" in accepted else candidate
     raise Unavailable("the client has no epoch-cached mode option (pass --cached-kwargs JSON once it has one)")
 
 
@@ -257,7 +281,16 @@ PATHS: dict[str, Path] = {
             "the reference OLS module (ankandrew/online-label-smoothing-pt), fwd+bwd",
             reference_ols,
         ),
-        Path("server_math", "lossd.functional fused OLS loss+grad+stats, in-process, no RPC", server_math),
+        Path(
+            "server_math",
+            "lossd.functional OLS loss+grad + add_statistics, kernel=--math-kernel, in-process, no RPC",
+            server_math,
+        ),
+        Path(
+            "server_math_eager",
+            "the same with kernel='eager' (torch ops)",
+            server_math_eager,
+        ),
         Path(
             "remote_local",
             "lossd.OnlineLabelSmoothing fwd+bwd, transport='local' (Unix socket + memfd), float32",
@@ -281,7 +314,7 @@ PATHS: dict[str, Path] = {
         ),
         Path(
             "ls_server_math",
-            "lossd.functional label-smoothing loss+grad of bfloat16 logits, in-process, no RPC",
+            "lossd.functional label-smoothing loss+grad of bfloat16 logits, kernel=--math-kernel, in-process, no RPC",
             ls_server_math,
             per_byte=True,
         ),

@@ -96,7 +96,10 @@ def _compare(target: str, device: torch.device, n: int, c: int, dtype: torch.dty
         lossd.CrossEntropyLoss(label_smoothing=0.1, target=target) as ls,
         lossd.OnlineLabelSmoothing(0.5, c, target=target) as ols,
     ):
-        local = median_ms(lambda: F.cross_entropy(logits, labels, label_smoothing=0.1).backward(), device)
+        local = median_ms(
+            lambda: F.cross_entropy(logits, labels, label_smoothing=0.1).backward(),  # type: ignore[no-untyped-call]
+            device,
+        )
         remote_ls = median_ms(lambda: ls(logits, labels).backward(), device)
         remote_ols = median_ms(lambda: ols(logits, labels).backward(), device)
     name = str(dtype).removeprefix("torch.")

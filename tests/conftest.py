@@ -19,6 +19,7 @@ import lossd
 from lossd_server import session as session_module
 from lossd_server.config import Settings
 from lossd_server.embedded import EmbeddedServer
+from tests._kernels import KERNEL_PARAMS, Kernel, kernel_of
 
 # Two cores: keep torch from oversubscribing them next to the server's workers.
 torch.set_num_threads(1)
@@ -38,6 +39,28 @@ atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
 # Triton reads this when a kernel is defined, so it is set before anything imports lossd._fused_triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=KERNEL_PARAMS)
+def kernel(request: pytest.FixtureRequest) -> Kernel:
+    """Each loss kernel the pure functions can run (a test taking it runs once per kernel)."""
+    return kernel_of(request.param)
+
+
+@pytest.fixture(scope="session")
+def eager_server() -> Iterator[EmbeddedServer]:
+    """A server on the eager math, beside the shared one on the default (the fused kernel)."""
+    settings = Settings(host="127.0.0.1", port=0, device=TEST_DEVICE, workers=4, grace_seconds=1, math_kernel="eager")
+    with EmbeddedServer(settings) as running:
+        yield running
+
+
+@pytest.fixture(params=["fused", "eager"])
+def kernel_client(request: pytest.FixtureRequest) -> Iterator[lossd.Client]:
+    """A client of a server on each math kernel: the shared server (fused, its default) and the eager one."""
+    running: EmbeddedServer = request.getfixturevalue("server" if request.param == "fused" else "eager_server")
+    with lossd.Client(running.target, barrier_timeout=30) as connected:
+        yield connected
 
 
 @pytest.fixture(scope="session")

@@ -44,13 +44,14 @@ def test_eight_trainers_on_one_session_sum_exactly(server: EmbeddedServer, sessi
     expected_acc = torch.zeros(C, C, dtype=torch.float64)
     expected_counts = torch.zeros(C, dtype=torch.int64)
     samples = 0
-    # The same math on the server's device, so only the order of summation can differ.
+    # The same math (the server's kernel, on its device), so only the order of summation can differ.
     device = torch.device(TEST_DEVICE)
+    kernel = server.settings.math_kernel
     soft = F.initial_soft_labels(C, 0.1, device=device)
     for rank in range(THREADS):
         for step in range(STEPS):
             logits, labels = (t.to(device) for t in _batch(rank * 1000 + step))
-            output = F.online_label_smoothing(logits, labels, soft, alpha=0.5)
+            output = F.online_label_smoothing(logits, labels, soft, alpha=0.5, kernel=kernel)
             rows, probs = F.correct_rows(output, labels)
             expected_acc.index_add_(0, rows.cpu(), probs.cpu())
             expected_counts.index_add_(0, rows.cpu(), torch.ones_like(rows.cpu()))

@@ -24,6 +24,14 @@ import torch.nn.functional as TF
 import lossd
 from lossd import functional as F
 from lossd._spec import LossKind
+from tests._kernels import Kernel
+
+
+@pytest.fixture()
+def client(kernel_client: lossd.Client) -> lossd.Client:
+    """Every server test here runs once per math kernel (the server's default, fused, and eager)."""
+    return kernel_client
+
 
 C = 7
 N = 16
@@ -110,7 +118,7 @@ def torch_loss_and_grad(
 @pytest.mark.parametrize("ignore", list(IGNORE_CASES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_functional_uniform_matches_torch_cross_entropy(
-    reduction: F.Reduction, ignore: str, use_weight: bool, eps: float
+    reduction: F.Reduction, ignore: str, use_weight: bool, eps: float, kernel: Kernel
 ) -> None:
     seed = _seed("functional", reduction, ignore, use_weight, eps)
     logits, labels, ignore_index = make_batch(seed, ignore)
@@ -136,6 +144,7 @@ def test_functional_uniform_matches_torch_cross_entropy(
         weight=weight,
         ignore_index=ignore_index,
         reduction=reduction,
+        kernel=kernel,
     )
     assert out.grad is not None
     # Server grad rows are d loss_i / d z_i; with a grad_output the chain rule scales row i by it.
@@ -171,15 +180,15 @@ def off_target_rederived(logits: torch.Tensor, labels: torch.Tensor, eps: float)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3], ids=lambda e: f"eps{e}")
-def test_off_target_matches_rederivation(eps: float) -> None:
+def test_off_target_matches_rederivation(eps: float, kernel: Kernel) -> None:
     logits, labels, _ = make_batch(_seed("off-target", eps), "no-ignored")
-    out = F.smoothed_cross_entropy(logits, labels, smoothing=eps, convention="off_target")
+    out = F.smoothed_cross_entropy(logits, labels, smoothing=eps, convention="off_target", kernel=kernel)
     expected = off_target_rederived(logits, labels, eps)
     assert abs(float(out.loss) - expected) <= RTOL64 * abs(expected)
     on, off = F.smoothing_values(C, eps, "off_target")
     assert (on, off) == (1.0 - eps, eps / (C - 1))
     if eps > 0:  # and the convention matters: uniform gives another number
-        uniform = F.smoothed_cross_entropy(logits, labels, smoothing=eps, convention="uniform")
+        uniform = F.smoothed_cross_entropy(logits, labels, smoothing=eps, convention="uniform", kernel=kernel)
         assert abs(float(uniform.loss) - expected) > 1e-3 * abs(expected)
 
 
@@ -188,7 +197,7 @@ def test_off_target_matches_rederivation(eps: float) -> None:
 @pytest.mark.parametrize("ignore", list(IGNORE_CASES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_off_target_equals_torch_uniform_with_rescaled_eps(
-    reduction: F.Reduction, ignore: str, use_weight: bool, eps: float
+    reduction: F.Reduction, ignore: str, use_weight: bool, eps: float, kernel: Kernel
 ) -> None:
     """off_target(eps) puts eps/(C-1) off target; torch's uniform eps' puts eps'/C there, so eps' = eps*C/(C-1)
     (and then the on-target mass 1 - eps' + eps'/C = 1 - eps matches too)."""
@@ -206,6 +215,7 @@ def test_off_target_equals_torch_uniform_with_rescaled_eps(
         weight=weight,
         ignore_index=ignore_index,
         reduction=reduction,
+        kernel=kernel,
     )
     assert out.grad is not None
     _assert_close64(out.loss, expected_loss)
@@ -213,14 +223,14 @@ def test_off_target_equals_torch_uniform_with_rescaled_eps(
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.3], ids=lambda e: f"eps{e}")
-def test_kl_div_scale_of_off_target(eps: float) -> None:
+def test_kl_div_scale_of_off_target(eps: float, kernel: Kernel) -> None:
     """nn.KLDivLoss()(log_softmax, t): 'mean' divides the sum over N*C elements, so it is (CE - H(t)) / C;
     'batchmean' divides by N and is CE - H(t), with CE and H averaged over the batch."""
     logits, labels, _ = make_batch(_seed("kl", eps), "no-ignored")
     t = torch.full((N, C), eps / (C - 1), dtype=torch.float64)
     t[torch.arange(N), labels] = 1.0 - eps
     log_probs = logits.log_softmax(dim=1)
-    ce = float(F.smoothed_cross_entropy(logits, labels, smoothing=eps, convention="off_target").loss)
+    ce = float(F.smoothed_cross_entropy(logits, labels, smoothing=eps, convention="off_target", kernel=kernel).loss)
     entropy = float(-(t * t.log()).sum(dim=1).mean())
     with pytest.warns(UserWarning, match="batchmean"):  # torch warns that 'mean' is not the KL divergence
         kl_mean = float(torch.nn.KLDivLoss()(log_probs, t))
@@ -483,14 +493,14 @@ def test_empty_batch(client: lossd.Client, session_name: str, kind_id: str, redu
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_functional_edges_match_torch(reduction: F.Reduction) -> None:
+def test_functional_edges_match_torch(reduction: F.Reduction, kernel: Kernel) -> None:
     """The same edges in the pure functions, float64."""
     logits, _, _ = make_batch(_seed("edges", reduction), "no-ignored", n=4)
     for z, y in ((logits, torch.full((4,), -100)), (logits[:0], torch.zeros(0, dtype=torch.int64))):
         expected_loss, expected_grad = torch_loss_and_grad(
             z, y, weight=None, ignore_index=-100, reduction=reduction, label_smoothing=0.1
         )
-        out = F.smoothed_cross_entropy(z, y, smoothing=0.1, reduction=reduction)
+        out = F.smoothed_cross_entropy(z, y, smoothing=0.1, reduction=reduction, kernel=kernel)
         assert out.grad is not None
         assert torch.equal(out.grad, expected_grad)  # zeros (or empty) on both sides
         assert out.loss.shape == expected_loss.shape
@@ -556,7 +566,7 @@ def test_unary_and_stream_give_identical_bytes(
 # ---------------------------------------------------------------------------
 
 
-def test_correct_rows_equal_argmax_with_ties_nan_and_inf() -> None:
+def test_correct_rows_equal_argmax_with_ties_nan_and_inf(kernel: Kernel) -> None:
     """Small integer logits tie at the top in most rows; NaN and infinite rows take argmax's own rules."""
     generator = torch.Generator().manual_seed(_seed("predicts"))
     ties = 0
@@ -568,14 +578,16 @@ def test_correct_rows_equal_argmax_with_ties_nan_and_inf() -> None:
             logits[-1] = float("-inf")
         labels = torch.randint(0, c, (n,), generator=generator)
         expected = logits.argmax(dim=1) == labels
-        out = F.smoothed_cross_entropy(logits, labels, smoothing=0.1)
+        out = F.smoothed_cross_entropy(logits, labels, smoothing=0.1, kernel=kernel)
         assert torch.equal(out.correct, expected), (logits, labels)
         at_max = logits.gather(1, labels.unsqueeze(1)).squeeze(1) == logits.amax(dim=1)
         ties += int((at_max != expected).sum())
     assert ties > 50  # the ties really exercised the argmax fallback
 
 
-def _functional(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> F.LossOutput:
+def _functional(
+    kind: Kind, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, kernel: Kernel = "eager"
+) -> F.LossOutput:
     """The pure function of ``kind`` with reduction 'none' (OLS at epoch 0, as the server starts it)."""
     if kind.alpha is None:
         return F.smoothed_cross_entropy(
@@ -585,13 +597,16 @@ def _functional(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, ignore_i
             convention=kind.convention or "uniform",
             ignore_index=ignore_index,
             reduction="none",
+            kernel=kernel,
         )
     soft = F.initial_soft_labels(C, kind.smoothing, "label_smoothing", "off_target")
-    return F.online_label_smoothing(logits, labels, soft, alpha=kind.alpha, ignore_index=ignore_index, reduction="none")
+    return F.online_label_smoothing(
+        logits, labels, soft, alpha=kind.alpha, ignore_index=ignore_index, reduction="none", kernel=kernel
+    )
 
 
 @pytest.mark.parametrize("kind_id", list(KINDS))
-def test_float32_loss_is_as_accurate_with_a_large_logit_offset(kind_id: str) -> None:
+def test_float32_loss_is_as_accurate_with_a_large_logit_offset(kind_id: str, kernel: Kernel) -> None:
     """Softmax is shift-invariant; the float32 math must be too. Loss terms are formed from
     (max - z) and log-sum-exp, never from z itself, so an offset of 1000 adds no error: the result
     stays within the float32 bound of section 3, computed on the offset inputs."""
@@ -601,7 +616,7 @@ def test_float32_loss_is_as_accurate_with_a_large_logit_offset(kind_id: str) -> 
     reference = offset.to(torch.float64)
     expected_loss, expected_grad = kind.torch_reference(reference, labels, None, ignore_index, "none")
     loss_bound, grad_bound = error_bounds(kind, reference, labels, None, ignore_index, "none", torch.float32)
-    out = _functional(kind, offset, labels, ignore_index)
+    out = _functional(kind, offset, labels, ignore_index, kernel)
     assert out.grad is not None
     assert bool(((out.loss.double() - expected_loss).abs() <= loss_bound).all())
     assert bool(((out.grad.double() - expected_grad).abs() <= grad_bound).all())
@@ -609,7 +624,9 @@ def test_float32_loss_is_as_accurate_with_a_large_logit_offset(kind_id: str) -> 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("use_weight", [False, True], ids=["noweight", "weight"])
-def test_rows_without_a_mask_equal_rows_masked_as_valid(reduction: F.Reduction, use_weight: bool) -> None:
+def test_rows_without_a_mask_equal_rows_masked_as_valid(
+    reduction: F.Reduction, use_weight: bool, kernel: Kernel
+) -> None:
     """safe_labels gives no mask when nothing is ignored; that path must equal the masked one."""
     logits, labels, _ = make_batch(_seed("nomask", reduction, use_weight), "no-ignored")
     weight = make_weight(_seed("nomask"), use_weight)
@@ -617,9 +634,9 @@ def test_rows_without_a_mask_equal_rows_masked_as_valid(reduction: F.Reduction, 
     assert valid is None and safe is labels
     soft = torch.softmax(torch.randn(C, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64), 1)
     targets = F.ols_targets(soft.float(), 0.4)
-    fast = F.target_cross_entropy(logits, labels, None, targets, weight=weight, reduction=reduction)
+    fast = F.target_cross_entropy(logits, labels, None, targets, weight=weight, reduction=reduction, kernel=kernel)
     masked = F.target_cross_entropy(
-        logits, labels, torch.ones(N, dtype=torch.bool), targets, weight=weight, reduction=reduction
+        logits, labels, torch.ones(N, dtype=torch.bool), targets, weight=weight, reduction=reduction, kernel=kernel
     )
     assert fast.grad is not None and masked.grad is not None
     _assert_close64(fast.loss, masked.loss)

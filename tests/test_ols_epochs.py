@@ -25,6 +25,13 @@ import torch
 
 import lossd
 
+
+@pytest.fixture()
+def client(kernel_client: lossd.Client) -> lossd.Client:
+    """Every server test here runs once per math kernel (the server's default, fused, and eager)."""
+    return kernel_client
+
+
 C = 6
 N = 32
 EPS = 0.2

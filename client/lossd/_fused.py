@@ -39,6 +39,9 @@ class FusedRows:
     correct: torch.Tensor  # [N] bool
     row_max: torch.Tensor  # [N] compute dtype: max_c z_ic
     inv_sum: torch.Tensor  # [N] compute dtype: 1 / sum_c exp(z_ic - m_i)
+    # Known without another op where the kernel counted them (the CPU's); None: count on demand.
+    finite: bool | None = None  # every row's loss is finite
+    n_correct: int | None = None
 
 
 class Backend(Protocol):

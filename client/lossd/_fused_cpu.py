@@ -32,6 +32,7 @@ _lock = threading.Lock()
 _kernels: dict[str, Any] | None = None
 _failure: str | None = None
 _parallel_lock: threading.Lock | None = None  # set when the threading layer is not thread-safe
+_threads = threading.local()  # the numba thread count last set from each thread
 
 
 def _load() -> dict[str, Any]:
@@ -108,7 +109,10 @@ class NumbaBackend:
             raise RuntimeError(f"the numba kernel is unavailable: {failure}")
         numba = _kernels["numba"]
         threads = 1 if elements < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+        if getattr(_threads, "count", None) != threads:  # numba's count is per calling thread; setting it costs
+            numba.set_num_threads(threads)
+            _threads.count = threads
         return _kernels
 
     def loss_rows(
@@ -155,9 +159,9 @@ class NumbaBackend:
             row_max.numpy(),
             inv_sum.numpy(),
         )
-        total = self._call(kernels["loss_rows"], *args)
+        total, finite, n_correct = self._call(kernels["loss_rows"], *args)
         loss = losses if reduction == "none" else torch.tensor(total, dtype=dtype)
-        rows = FusedRows(loss=loss, grad=grad if need_grad else None, correct=correct, row_max=row_max, inv_sum=inv_sum)
+        rows = FusedRows(loss, grad if need_grad else None, correct, row_max, inv_sum, bool(finite), int(n_correct))
         if accumulate is not None:
             self._call(kernels["add_statistics"], args[0], args[1], correct.numpy(), args[11], args[12],
                        accumulate[0].numpy(), accumulate[1].numpy())  # fmt: skip

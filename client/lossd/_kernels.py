@@ -55,14 +55,13 @@ def resolve(kernel: MathKernel | Backend, device: torch.device) -> Backend | Non
     is (tests run the Triton kernel on the CPU through its interpreter so)."""
     if not isinstance(kernel, str):
         return kernel
-    if kernel == "eager":
+    if check_choice(kernel) == "eager":
         return None
     backend, failure = _backend(device.type)
     if backend is not None:
         return backend
     if kernel == "fused":
         raise KernelUnavailableError(f"math_kernel='fused': the fused kernel cannot load on {device.type} ({failure})")
-    check_choice(kernel)
     with _lock:
         if device.type not in _reported:
             _reported.add(device.type)

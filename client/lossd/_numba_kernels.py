@@ -198,12 +198,16 @@ def loss_rows(
             x, i, labels[i], valid[i] if has_valid else True, weight, sum_weight, table, params,
             scale, need_grad, grad, losses, correct, row_max, inv_sum,
         )  # fmt: skip
-    if reduction == NONE:
-        return zero
+    # (the reduced loss, every row's loss finite, the correct rows): the caller's checks need no more ops.
     total = zero
+    n_correct = 0
     for i in range(x.shape[0]):
         total += losses[i]
-    return total / denominator if reduction == MEAN else total
+        n_correct += 1 if correct[i] else 0
+    finite = np.isfinite(total)
+    if reduction == NONE:
+        return zero, finite, n_correct
+    return (total / denominator if reduction == MEAN else total), finite, n_correct
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)

@@ -60,7 +60,16 @@ class LossOutput:
 
     @functools.cached_property
     def n_correct(self) -> int:
+        if self.fused is not None and self.fused[2].n_correct is not None:
+            return self.fused[2].n_correct
         return int(self.correct.sum())
+
+    @functools.cached_property
+    def finite(self) -> bool:
+        """Whether every loss term is finite (a fused kernel may have counted it already)."""
+        if self.fused is not None and self.fused[2].finite is not None:
+            return self.fused[2].finite
+        return bool(torch.isfinite(self.loss).all())
 
 
 def smoothing_values(n_classes: int, smoothing: float, convention: Convention) -> tuple[float, float]:
@@ -154,8 +163,9 @@ def target_cross_entropy(
             logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale,
             weight, reduction, need_grad,
         )  # fmt: skip
-        if bool(torch.isfinite(rows.loss).all()):
-            return LossOutput(rows.loss, rows.grad, None, valid, rows.correct, (backend, logits, rows))
+        output = LossOutput(rows.loss, rows.grad, None, valid, rows.correct, (backend, logits, rows))
+        if output.finite:
+            return output
     args = (logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale, weight)
     loss, grad, probs, at_max, several = loss_terms(*args, reduction=reduction, need_grad=need_grad)
     correct = break_ties(logits, labels, at_max, several)

@@ -103,7 +103,7 @@ class _CachedLoss(_RemoteLoss):
             need_grad=need_grad,
             kernel=module.math_kernel,
         )
-        if not bool(torch.isfinite(output.loss).all()) and not bool(torch.isfinite(logits).all()):
+        if not output.finite and not bool(torch.isfinite(logits).all()):
             raise InvalidArgumentError("logits: contains NaN or infinity")
         if module.training:
             cache.record(output, labels, module._epoch)
