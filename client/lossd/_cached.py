@@ -160,22 +160,28 @@ class EpochCache:
 
     # Statistics ---------------------------------------------------------------------------
 
-    def record(self, output: F.LossOutput, labels: torch.Tensor, epoch: int) -> None:
-        """Add a training batch's statistics, as Session.compute adds them on the server."""
+    def statistics_buffers(self, epoch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accumulator, counts) that a training batch of ``epoch`` on ``device`` adds to: handed to the
+        fused kernel, which adds the batch's statistics in the same call as its loss."""
         self.raise_error()
         if self._stats_epoch != epoch:
             self.cut()
             self._stats_epoch = epoch
+        if self._accumulator is None or self._counts is None or self._accumulator.device != device:
+            self.cut()
+            c = self.spec.n_classes
+            self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=device)
+            self._counts = torch.zeros(c, dtype=torch.int64, device=device)
+        return self._accumulator, self._counts
+
+    def record(self, output: F.LossOutput, labels: torch.Tensor, epoch: int) -> None:
+        """Count a training batch, as Session.compute counts it on the server: its statistics, unless the
+        fused kernel already added them to :meth:`statistics_buffers`, and its samples."""
+        accumulator, counts = self.statistics_buffers(epoch, labels.device)
         if not self._steps:
             self._cut_at = time.monotonic()  # upload_seconds counts from the oldest statistics not cut
-        if output.n_correct:
-            if self._accumulator is None or self._accumulator.device != labels.device:
-                self.cut()
-                c = self.spec.n_classes
-                self._accumulator = torch.zeros((c, c), dtype=torch.float64, device=labels.device)
-                self._counts = torch.zeros(c, dtype=torch.int64, device=labels.device)
-            assert self._counts is not None
-            F.add_statistics(output, labels, self._accumulator, self._counts)
+        if output.n_correct and not output.statistics_added:
+            F.add_statistics(output, labels, accumulator, counts)
         self._samples += output.n_used
         self._correct += output.n_correct
         self._steps += 1

@@ -42,6 +42,7 @@ class FusedRows:
     # Known without another op where the kernel counted them (the CPU's); None: count on demand.
     finite: bool | None = None  # every row's loss is finite
     n_correct: int | None = None
+    accumulated: bool = False  # the statistics went into ``accumulate`` in this call
 
 
 class Backend(Protocol):
@@ -66,8 +67,10 @@ class Backend(Protocol):
         overwrite_logits: bool = False,
     ) -> FusedRows:
         """``accumulate=(accumulator, counts)`` also adds the statistics (as :meth:`add_statistics`) in
-        the same call. ``overwrite_logits`` lets the gradient take the logits' memory where the dtypes
-        match (the logits are then gone: no statistics call may follow but ``accumulate``).
+        the same call, but only when the loss is finite (a batch that is recomputed eagerly or refused
+        must not have counted); ``FusedRows.accumulated`` says whether it did. ``overwrite_logits`` lets
+        the gradient take the logits' memory where the dtypes match (the logits are then gone: no
+        statistics call may follow but ``accumulate``).
 
         Rows holding NaN or an infinity need not match the eager math: their loss is not finite,
         and callers run the eager math whenever the loss is not finite."""

@@ -204,10 +204,11 @@ def loss_rows(
     for i in range(x.shape[0]):
         total += losses[i]
         n_correct += 1 if correct[i] else 0
-    finite = np.isfinite(total)
     if reduction == NONE:
-        return zero, finite, n_correct
-    return (total / denominator if reduction == MEAN else total), finite, n_correct
+        return zero, np.isfinite(total), n_correct
+    # The reduced loss itself: a mean over no weight is 0/0 (NaN, as torch's) though every row is finite.
+    reduced = total / denominator if reduction == MEAN else total
+    return reduced, np.isfinite(reduced), n_correct
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)

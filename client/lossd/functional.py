@@ -64,6 +64,11 @@ class LossOutput:
             return self.fused[2].n_correct
         return int(self.correct.sum())
 
+    @property
+    def statistics_added(self) -> bool:
+        """Whether the fused kernel already added this batch's statistics to the ``accumulate`` it was given."""
+        return self.fused is not None and self.fused[2].accumulated
+
     @functools.cached_property
     def finite(self) -> bool:
         """Whether every loss term is finite (a fused kernel may have counted it already)."""
@@ -139,6 +144,7 @@ def target_cross_entropy(
     reduction: Reduction = "mean",
     need_grad: bool = True,
     kernel: MathKernel | Backend = "eager",
+    accumulate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossOutput:
     """Loss and gradient of ``sum_c w_c t_ic (-log p_ic)`` in one pass over the logits.
 
@@ -154,6 +160,10 @@ def target_cross_entropy(
     ``auto``, the fused kernel where it loads and the eager ops otherwise. A batch
     whose fused loss is not finite (NaN or infinite logits, a mean over no weight) is
     computed again eagerly, so such rows come out exactly as the eager math has them.
+
+    ``accumulate=(accumulator, counts)`` lets a fused kernel add the statistics (as
+    :func:`add_statistics`) in the same call when every loss is finite;
+    :attr:`LossOutput.statistics_added` says whether it did (the eager math never does).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"Expected reduction to be 'mean', 'sum' or 'none' but got {reduction!r}")
@@ -161,7 +171,7 @@ def target_cross_entropy(
     if backend is not None:
         rows = backend.loss_rows(
             logits, labels, valid, targets.spike, targets.base, targets.table, targets.table_scale,
-            weight, reduction, need_grad,
+            weight, reduction, need_grad, accumulate=accumulate,
         )  # fmt: skip
         output = LossOutput(rows.loss, rows.grad, None, valid, rows.correct, (backend, logits, rows))
         if output.finite:
@@ -317,13 +327,16 @@ def online_label_smoothing(
     reduction: Reduction = "mean",
     need_grad: bool = True,
     kernel: MathKernel | Backend = "eager",
+    accumulate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossOutput:
-    """``alpha * CE(z, y) + (1 - alpha) * sum_c -S[c, y] log p_c`` with class-major ``soft_labels``."""
+    """``alpha * CE(z, y) + (1 - alpha) * sum_c -S[c, y] log p_c`` with class-major ``soft_labels``.
+    ``accumulate``: as :func:`target_cross_entropy`'s."""
     labels_safe, valid = safe_labels(labels, ignore_index)
     targets = ols_targets(soft_labels, alpha)
     return target_cross_entropy(
-        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, kernel=kernel
-    )
+        logits, labels_safe, valid, targets, weight=weight, reduction=reduction, need_grad=need_grad, kernel=kernel,
+        accumulate=accumulate,
+    )  # fmt: skip
 
 
 def initial_soft_labels(

@@ -92,6 +92,8 @@ class _CachedLoss(_RemoteLoss):
         assert spec.alpha is not None
         labels = labels.detach().to(device=logits.device, dtype=torch.int64)
         check_labels(labels, spec)
+        # Training: the fused kernel adds the statistics in the same call (only if the batch is accepted).
+        accumulate = cache.statistics_buffers(module._epoch, logits.device) if module.training else None
         output = functional.online_label_smoothing(
             logits.detach().contiguous(),
             labels,
@@ -102,6 +104,7 @@ class _CachedLoss(_RemoteLoss):
             reduction=spec.reduction,
             need_grad=need_grad,
             kernel=module.math_kernel,
+            accumulate=accumulate,
         )
         if not output.finite and not bool(torch.isfinite(logits).all()):
             raise InvalidArgumentError("logits: contains NaN or infinity")
