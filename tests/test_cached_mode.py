@@ -563,3 +563,32 @@ def test_a_cached_module_survives_kill_9_of_a_durable_server(tmp_path: Path) -> 
             torch.testing.assert_close(state.supervise, soft.T, rtol=S_RTOL, atol=S_ATOL)
     finally:
         served.kill()
+
+
+# Backward: the gradient handed over, not copied ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_backward_hands_over_its_gradient_and_a_retained_graph_gives_it_again(
+    server: EmbeddedServer, session_name: str, dtype: torch.dtype
+) -> None:
+    """loss.backward() takes the computed gradient as .grad itself (no multiply by 1, no copy); a second
+    backward through a retained graph, a scaled loss and per-sample losses still give what the math says."""
+    logits, labels = batch(11)
+    with ols(server, session_name, cached=True) as module, ols(server, session_name) as remote:
+        module.eval(), remote.eval()  # the same S throughout
+        leaf = logits.to(dtype, copy=True).requires_grad_()
+        loss = module(leaf, labels)
+        loss.backward(retain_graph=True)
+        first = leaf.grad
+        assert first is not None and first.dtype == dtype
+        assert_equal(first, step(remote, logits.to(dtype), labels)[1])
+        first = first.clone()
+        loss.backward()  # the graph was retained: the gradient again, accumulated
+        assert_equal(leaf.grad, first + first)
+        for scale in (3.0, 2.0**-20):  # through grad_output (a GradScaler's factor, say) as the remote path does
+            leaf.grad = None
+            (module(leaf, labels) * scale).backward()
+            expected_leaf = logits.to(dtype, copy=True).requires_grad_()
+            (remote(expected_leaf, labels) * scale).backward()
+            assert_equal(leaf.grad, expected_leaf.grad)

@@ -75,8 +75,8 @@ def _warm_up(kernels: dict[str, Any]) -> None:
         rows = np.ones(2, dtype=dtype)
         kernels["loss_rows"](
             x, labels, np.ones(2, dtype=np.bool_), np.ones(3, dtype=dtype), np.eye(3, dtype=np.float32),
-            np.array([1, 0, 0, 0, 0], dtype=dtype), 0, True, np.empty((2, 3), dtype=dtype), np.empty(2, dtype=dtype),
-            np.empty(2, dtype=np.bool_), np.empty(2, dtype=dtype), np.empty(2, dtype=dtype),
+            np.array([1, 0, 0, 0], dtype=dtype), 0, True, np.empty((2, 3), dtype=dtype), np.empty(2, dtype=dtype),
+            np.empty(2, dtype=np.bool_), np.empty(2, dtype=dtype), np.empty(2, dtype=dtype), 1,
         )  # fmt: skip
         kernels["add_statistics"](
             x, labels, np.ones(2, dtype=np.bool_), rows, rows, np.zeros((3, 3), dtype=np.float64),
@@ -94,22 +94,7 @@ def _empty_placeholders(dtype: Any) -> tuple[Any, Any, Any]:
     return np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=dtype), np.zeros((1, 0), dtype=np.float32)
 
 
-
 _PLACEHOLDERS = {np.float32: _empty_placeholders(np.float32), np.float64: _empty_placeholders(np.float64)}
-
-
-def _per_row(table: torch.Tensor | None) -> bool:
-    """Whether :func:`_float32_table` gathers the batch's rows (params[4] of the kernel)."""
-    return table is not None and table.dtype != torch.float32
-
-
-def _float32_table(table: torch.Tensor, labels: torch.Tensor) -> Any:
-    """The table as the kernel reads it (float32: numba has no bfloat16). A float32 table is passed as it
-    is; another (a bfloat16 S) only as the N rows the batch reads, in row order, since widening the
-    whole table would copy C^2 entries every call (4 GB at C = 32000)."""
-    if _per_row(table):
-        return table.index_select(0, labels).to(torch.float32).numpy()
-    return table.contiguous().numpy()
 
 
 class NumbaBackend:
@@ -164,8 +149,8 @@ class NumbaBackend:
             labels.numpy(),
             no_valid if valid is None else valid.numpy(),
             no_weight if weight is None else weight.to(dtype).contiguous().numpy(),
-            no_table if table is None else _float32_table(table, labels),
-            np.array([spike, base, table_scale, 0.0, _per_row(table)], dtype=np_dtype),
+            no_table if table is None else table.to(torch.float32).contiguous().numpy(),
+            np.array([spike, base, table_scale, 0.0], dtype=np_dtype),
             REDUCTIONS.index(reduction),
             need_grad,
             grad.numpy(),
@@ -173,6 +158,7 @@ class NumbaBackend:
             correct.numpy(),
             row_max.numpy(),
             inv_sum.numpy(),
+            4 * _threads.count,  # a few chunks of rows per thread, for balance
         )
         total, finite, n_correct = self._call(kernels["loss_rows"], *args)
         # Only an accepted batch counts: one with a non-finite loss is recomputed eagerly or refused.

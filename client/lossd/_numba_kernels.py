@@ -17,13 +17,14 @@ MEAN, SUM, NONE = 0, 1, 2  # lossd._fused.REDUCTIONS' order
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def exp_shifted_f32(xi: Any, m: Any, e: Any) -> None:
+def exp_shifted_f32(xi: Any, m: Any, e: Any, bits: Any) -> Any:
     """``e = exp(xi - m)`` for ``xi <= m`` in float32, vectorised: numba's ``np.exp`` is a scalar libm
     call per element (about 5x slower) since the LLVM it ships has no vector math library.
     Cephes' expf: ``2^k * exp(r)`` with ``k = round(s / ln 2)``, ``r`` from a two-part ln 2 (exact
     products), a degree-7 polynomial for ``exp(r)`` on [-ln2/2, ln2/2] (about 1 ulp), and ``2^k``
-    built from its exponent bits; below exp(-87.3) (under float32's smallest normal) it gives 0."""
-    bits = np.empty(xi.shape[0], dtype=np.int32)
+    built from its exponent bits; below exp(-87.3) (under float32's smallest normal) it gives 0.
+    Returns ``sum(e)``, summed in the same pass. ``bits``: int32 scratch of at least ``xi``'s length, the
+    caller's, so that no row allocates."""
     scale = bits.view(np.float32)
     low = np.float32(-87.3)
     for c in range(xi.shape[0]):
@@ -39,8 +40,42 @@ def exp_shifted_f32(xi: Any, m: Any, e: Any) -> None:
         poly = poly * r + np.float32(5.0000001201e-1)
         e[c] = poly * r * r + r + np.float32(1)
         bits[c] = (np.int32(k) + 127) << 23 if shifted >= low else 0
+    total = np.float32(0)
     for c in range(xi.shape[0]):
-        e[c] *= scale[c]
+        value = e[c] * scale[c]
+        e[c] = value
+        total += value
+    return total
+
+
+LANES = 16  # independent running maxima: one AVX-512 register of float32, two of AVX2
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def row_maximum(xi: Any, lanes: Any) -> Any:
+    """``max(xi)`` over ``LANES`` independent running maxima, which LLVM vectorises; numba's ``max`` (with
+    its NaN rules) runs one dependent compare per element, about 5x slower at C = 1000. A NaN is skipped
+    here, not propagated: the caller's poison sum makes such a row's loss NaN all the same. ``lanes``:
+    scratch of ``LANES`` elements, the caller's."""
+    n = xi.shape[0]
+    m = xi[0]
+    if n >= 2 * LANES:
+        for k in range(LANES):
+            lanes[k] = xi[k]
+        full = n - n % LANES
+        for start in range(LANES, full, LANES):
+            for k in range(LANES):
+                v = xi[start + k]
+                lanes[k] = v if v > lanes[k] else lanes[k]
+        m = lanes[0]
+        for k in range(1, LANES):
+            m = lanes[k] if lanes[k] > m else m
+        for c in range(full, n):
+            m = xi[c] if xi[c] > m else m
+    else:
+        for c in range(1, n):
+            m = xi[c] if xi[c] > m else m
+    return m
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", inline="always", cache=True)
@@ -60,7 +95,12 @@ def row(
     correct: Any,
     row_max: Any,
     inv_sum: Any,
+    scratch: Any,
+    bits: Any,
+    lanes: Any,
 ) -> None:
+    """Row ``i``. ``scratch`` (the exponentials when no gradient row holds them), ``bits`` and ``lanes``
+    are the calling chunk's, allocated once for its rows."""
     n_classes = x.shape[1]
     spike, base, table_scale = params[0], params[1], params[2]
     zero = params[3]  # 0 in the compute dtype
@@ -68,21 +108,19 @@ def row(
     has_table = table.shape[1] > 0
     trow = table[label if has_table else 0]  # no table: a [1, 0] placeholder
     xi = x[i]
-    m = xi[0]
-    for c in range(1, n_classes):
-        m = max(m, xi[c])
+    m = row_maximum(xi, lanes)
     # e = exp(z - m) goes into the gradient row (or scratch) so that exp runs once per logit.
-    e = grad[i] if need_grad else np.empty(n_classes, dtype=x.dtype)
+    e = grad[i] if need_grad else scratch
     if x.itemsize == 4:
-        exp_shifted_f32(xi, m, e)
+        total = exp_shifted_f32(xi, m, e, bits)
     else:
+        total = zero
         for c in range(n_classes):
             e[c] = np.exp(xi[c] - m)
-    total = zero
+            total += e[c]
     ties = zero
     poison = zero  # z * 0: NaN for any NaN or infinity in the row
     for c in range(n_classes):
-        total += e[c]
         poison += xi[c] * zero
         ties += 1 if xi[c] == m else 0
     # dot = sum_c q_c (z_c - m), mass = sum_c q_c, term by term (spike, base, table).
@@ -184,7 +222,11 @@ def loss_rows(
     correct: Any,
     row_max: Any,
     inv_sum: Any,
+    chunks: int,
 ) -> Any:
+    """Every row's loss, gradient (``need_grad``), correct flag, maximum and 1 / sum of exponentials, in
+    ``chunks`` chunks of rows run in parallel (a few per thread, for balance), each allocating its scratch
+    once. Returns (the reduced loss, whether it is finite, the number of correct rows)."""
     zero = params[3]
     scale, denominator = row_scale(labels, valid, weight, reduction, zero)
     sum_weight = zero + x.shape[1]
@@ -193,11 +235,17 @@ def loss_rows(
         for c in range(weight.shape[0]):
             sum_weight += weight[c]
     has_valid = valid.shape[0] > 0
-    for i in prange(x.shape[0]):
-        row(
-            x, i, labels[i], valid[i] if has_valid else True, weight, sum_weight, table, params,
-            scale, need_grad, grad, losses, correct, row_max, inv_sum,
-        )  # fmt: skip
+    n, n_classes = x.shape
+    chunks = max(1, min(n, chunks))
+    for chunk in prange(chunks):
+        scratch = np.empty(0 if need_grad else n_classes, dtype=x.dtype)
+        bits = np.empty(n_classes, dtype=np.int32)
+        lanes = np.empty(LANES, dtype=x.dtype)
+        for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
+            row(
+                x, i, labels[i], valid[i] if has_valid else True, weight, sum_weight, table, params,
+                scale, need_grad, grad, losses, correct, row_max, inv_sum, scratch, bits, lanes,
+            )  # fmt: skip
     # (the reduced loss, every row's loss finite, the correct rows): the caller's checks need no more ops.
     total = zero
     n_correct = 0
@@ -212,10 +260,10 @@ def loss_rows(
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def probs_into(xi: Any, m: Any, inv: Any, e: Any) -> None:
+def probs_into(xi: Any, m: Any, inv: Any, e: Any, bits: Any) -> None:
     """``e = softmax row`` rounded in the compute dtype, as ``probs`` of the eager math."""
     if xi.itemsize == 4:
-        exp_shifted_f32(xi, m, e)
+        exp_shifted_f32(xi, m, e, bits)
     else:
         for c in range(xi.shape[0]):
             e[c] = np.exp(xi[c] - m)
@@ -235,11 +283,12 @@ def add_statistics(
         low = start * block
         high = min(low + block, n_classes)
         e = np.empty(high - low, dtype=x.dtype)
+        bits = np.empty(high - low, dtype=np.int32)
         for i in range(n):
             if correct[i]:
                 if start == 0:
                     counts[labels[i]] += 1
-                probs_into(x[i, low:high], row_max[i], inv_sum[i], e)
+                probs_into(x[i, low:high], row_max[i], inv_sum[i], e, bits)
                 target = accumulator[labels[i]]
                 for c in range(low, high):
                     target[c] += np.float64(e[c - low])
@@ -250,6 +299,6 @@ def correct_probs(x: Any, index: Any, row_max: Any, inv_sum: Any, out: Any) -> N
     for k in prange(index.shape[0]):
         i = index[k]
         e = np.empty(x.shape[1], dtype=x.dtype)
-        probs_into(x[i], row_max[i], inv_sum[i], e)
+        probs_into(x[i], row_max[i], inv_sum[i], e, np.empty(x.shape[1], dtype=np.int32))
         for c in range(x.shape[1]):
             out[k, c] = np.float64(e[c])

@@ -64,15 +64,20 @@ class _RemoteLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        grad: torch.Tensor | None = ctx.grad
-        if grad is None:
-            return None, None, None, None, None
-        # Scale in float32 before rounding to the logits' dtype, so a GradScaler-scaled
-        # float16 gradient keeps the small entries a float16 product would flush.
-        scale = grad_output.to(compute_dtype(grad.dtype))
-        if ctx.per_sample:
-            scale = scale.reshape(-1, 1)
-        return _codec.unscale_gradient(grad, ctx.grad_exponent, scale), None, None, None, None
+        return _scaled_backward(ctx, grad_output)
+
+
+def _scaled_backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+    """The gradient times ``grad_output``, unscaled by the 2^exponent a float16 gradient travels with."""
+    grad: torch.Tensor | None = ctx.grad
+    if grad is None:
+        return None, None, None, None, None
+    # Scale in float32 before rounding to the logits' dtype, so a GradScaler-scaled
+    # float16 gradient keeps the small entries a float16 product would flush.
+    scale = grad_output.to(compute_dtype(grad.dtype))
+    if ctx.per_sample:
+        scale = scale.reshape(-1, 1)
+    return _codec.unscale_gradient(grad, ctx.grad_exponent, scale), None, None, None, None
 
 
 class _CachedLoss(_RemoteLoss):
@@ -92,19 +97,19 @@ class _CachedLoss(_RemoteLoss):
         assert spec.alpha is not None
         labels = labels.detach().to(device=logits.device, dtype=torch.int64)
         check_labels(labels, spec)
+        z = logits.detach().contiguous()
+        soft = cache.soft_labels(module._epoch, logits.device)
+        options: dict[str, Any] = {
+            "alpha": spec.alpha,
+            "weight": cache.weight(logits.device),
+            "ignore_index": spec.ignore_index,
+            "reduction": spec.reduction,
+            "kernel": module.math_kernel,
+        }
         # Training: the fused kernel adds the statistics in the same call (only if the batch is accepted).
         accumulate = cache.statistics_buffers(module._epoch, logits.device) if module.training else None
         output = functional.online_label_smoothing(
-            logits.detach().contiguous(),
-            labels,
-            cache.soft_labels(module._epoch, logits.device),
-            alpha=spec.alpha,
-            weight=cache.weight(logits.device),
-            ignore_index=spec.ignore_index,
-            reduction=spec.reduction,
-            need_grad=need_grad,
-            kernel=module.math_kernel,
-            accumulate=accumulate,
+            z, labels, soft, need_grad=need_grad, accumulate=accumulate, **options
         )
         if not output.finite and not bool(torch.isfinite(logits).all()):
             raise InvalidArgumentError("logits: contains NaN or infinity")
@@ -112,7 +117,34 @@ class _CachedLoss(_RemoteLoss):
             cache.record(output, labels, module._epoch)
         ctx.grad, ctx.grad_exponent = (None, 0) if output.grad is None else local_gradient(output.grad, logits.dtype)
         ctx.per_sample = spec.reduction == "none"
+        ctx.handed_over = False
+
+        def recompute() -> torch.Tensor:
+            again = functional.online_label_smoothing(z, labels, soft, need_grad=True, **options)
+            assert again.grad is not None
+            return local_gradient(again.grad, logits.dtype)[0]
+
+        ctx.recompute = recompute
         return output.loss.to(device=logits.device, dtype=loss_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+        if ctx.handed_over:  # a second backward through the same graph (retain_graph=True)
+            ctx.grad, ctx.handed_over = ctx.recompute(), False
+        grad: torch.Tensor | None = ctx.grad
+        if grad is not None and _is_one(grad_output) and not ctx.grad_exponent:
+            # loss.backward(): d loss / d z is the gradient itself. Handed over rather than multiplied by 1,
+            # so autograd takes it as .grad without a copy (nothing else refers to it); torch's own loss
+            # backward writes [N, C] once, and so does this.
+            ctx.grad, ctx.handed_over = None, True
+            return grad, None, None, None, None
+        return _scaled_backward(ctx, grad_output)
+
+
+def _is_one(grad_output: torch.Tensor) -> bool:
+    """A scalar 1 on the CPU (reading a CUDA value would wait for the device)."""
+    return grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0
 
 
 def _unchanged(loss: torch.Tensor) -> torch.Tensor:
