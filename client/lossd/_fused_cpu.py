@@ -54,6 +54,8 @@ def _load() -> dict[str, Any]:
 def available() -> str | None:
     """None when the kernel loads (compiling or loading it from numba's cache), else why not."""
     global _kernels, _failure, _parallel_lock
+    if _kernels is not None:  # loaded: every step asks, so no lock on this path
+        return None
     with _lock:
         if _kernels is None and _failure is None:
             try:
@@ -167,7 +169,7 @@ class NumbaBackend:
             assert accumulate is not None
             self._call(kernels["add_statistics"], args[0], args[1], args[10], args[11], args[12],
                        accumulate[0].numpy(), accumulate[1].numpy())  # fmt: skip
-        loss = losses if reduction == "none" else torch.tensor(total, dtype=dtype)
+        loss = losses if reduction == "none" else torch.from_numpy(np.array(total, dtype=np_dtype))
         grad_or_none = grad if need_grad else None
         return FusedRows(loss, grad_or_none, correct, row_max, inv_sum, bool(finite), int(n_correct), bool(accumulated))
 

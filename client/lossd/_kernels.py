@@ -23,6 +23,7 @@ MATH_KERNELS: tuple[str, ...] = get_args(MathKernel)
 log = logging.getLogger("lossd")
 _lock = threading.Lock()
 _reported: set[str] = set()
+_loaded: dict[str, Backend] = {}  # device kind -> its fused kernel, once it has loaded (every step asks)
 
 
 class KernelUnavailableError(ValueError):
@@ -55,10 +56,15 @@ def resolve(kernel: MathKernel | Backend, device: torch.device) -> Backend | Non
     is (tests run the Triton kernel on the CPU through its interpreter so)."""
     if not isinstance(kernel, str):
         return kernel
+    if kernel in ("auto", "fused"):
+        loaded = _loaded.get(device.type)
+        if loaded is not None:
+            return loaded
     if check_choice(kernel) == "eager":
         return None
     backend, failure = _backend(device.type)
     if backend is not None:
+        _loaded[device.type] = backend
         return backend
     if kernel == "fused":
         raise KernelUnavailableError(f"math_kernel='fused': the fused kernel cannot load on {device.type} ({failure})")
