@@ -15,6 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+# Without a GPU, Triton's interpreter runs lossd's Triton kernels on the CPU, so CI checks their numbers.
+# Triton reads this when a kernel is defined, so it is set before anything imports lossd._fused_triton
+# (tests._kernels below does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import lossd
 from lossd_server import session as session_module
 from lossd_server.config import Settings
@@ -35,10 +41,6 @@ os.environ["LOSSD_STORE"] = "memory"
 _STATE_DIR = tempfile.mkdtemp(prefix="lossd-tests-")
 os.environ["LOSSD_STATE_DIR"] = _STATE_DIR
 atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
-# Without a GPU, Triton's interpreter runs lossd's Triton kernels on the CPU, so CI checks their numbers.
-# Triton reads this when a kernel is defined, so it is set before anything imports lossd._fused_triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(params=KERNEL_PARAMS)
