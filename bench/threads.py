@@ -34,16 +34,6 @@ THREADS_REPORT_PATHS = ("server_math", "torch_ls")
 DESCRIPTION = "server_math vs torch_ls at the same torch thread count, interleaved, CPU, this process"
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for item in text.split(","):
-        n, _, c = item.strip().lower().partition("x")
-        if not n.isdigit() or not c.isdigit() or int(n) < 1 or int(c) < 2:
-            raise argparse.ArgumentTypeError(f"a shape is NxC with N >= 1 and C >= 2, got {item!r}")
-        shapes.append((int(n), int(c)))
-    return shapes
-
-
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(item) for item in text.split(",") if item.strip()]
@@ -65,7 +55,9 @@ def run(
     """One row per (shape, thread count): both paths' medians and server_math / torch_ls.
 
     Leaves torch's thread count where it found it."""
-    shapes = list(shapes) if shapes is not None else _shapes(THREADS_REPORT_SHAPES)
+    from bench.harness import parse_shapes  # here: the harness imports this module
+
+    shapes = list(shapes) if shapes is not None else parse_shapes(THREADS_REPORT_SHAPES)
     counts = list(counts) if counts is not None else _counts(THREADS_REPORT_COUNTS)
     ctx = Context(device=torch.device("cpu"), target=None, math_kernel=math_kernel)
     before = torch.get_num_threads()
@@ -127,16 +119,16 @@ def format_report(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.harness import _tune_malloc_as_the_client, parse_shapes  # the harness's allocator and shapes
+
     parser = argparse.ArgumentParser(prog="python -m bench.threads", description=DESCRIPTION)
-    parser.add_argument("--shapes", type=_shapes, default=None, help=f"NxC,... (default {THREADS_REPORT_SHAPES})")
+    parser.add_argument("--shapes", type=parse_shapes, default=None, help=f"NxC,... (default {THREADS_REPORT_SHAPES})")
     parser.add_argument("--threads", type=_counts, default=None, help=f"counts (default {THREADS_REPORT_COUNTS})")
     parser.add_argument("--repeats", type=int, default=100, help="timed rounds per shape (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds per shape (default 10)")
     parser.add_argument("--math-kernel", choices=MATH_KERNELS, default="auto", help="server_math's kernel=")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    from bench.harness import _tune_malloc_as_the_client  # the harness's allocator, so the figures compare
-
     tuned = _tune_malloc_as_the_client()
     info = machine.describe("cpu")
     print(machine.header(info))

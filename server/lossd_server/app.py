@@ -23,9 +23,10 @@ from lossd_server import __version__
 from lossd_server.admission import AdmissionInterceptor, loss_footprint_factor
 from lossd_server.auth import identify_from, log_exposure, server_credentials
 from lossd_server.config import Settings
-from lossd_server.device import resolve_device
+from lossd_server.device import device_memory, resolve_device
 from lossd_server.durable import open_store
 from lossd_server.errors import ErrorInterceptor
+from lossd_server.footprint import SOFT_LABEL_DTYPES, ols_math_kernel
 from lossd_server.local_transport import LocalTransport
 from lossd_server.memory import MemoryAccount
 from lossd_server.metrics import ServerMetrics
@@ -140,10 +141,14 @@ async def start(settings: Settings) -> Running:
     device = resolve_device(settings.device)
     # Load the loss kernel now (compiled, or read from numba's cache), so no request waits for a compiler.
     math_kernel = warm_up(settings.math_kernel, device)
+    soft_dtype = SOFT_LABEL_DTYPES[settings.soft_label_dtype]
+    if ols_math_kernel(settings.math_kernel, soft_dtype, device) != settings.math_kernel:  # or refused here
+        math_kernel += f"; OLS sessions eager (soft_label_dtype={settings.soft_label_dtype} on the CPU)"
     limit = settings.resolved_max_message_bytes
     work_memory = request_memory(settings)
+    device_budget = device_memory(settings, device, work_memory.limit)
     # A damaged store file fails here too; it is checked read-only and left as it is.
-    store = open_store(settings, device, work_memory)
+    store = open_store(settings, device, work_memory, device_budget)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="lossd-math")
@@ -229,19 +234,51 @@ async def start(settings: Settings) -> Running:
         url = f"http://{f'[{host}]' if ':' in host else host}:{metrics.port}/metrics"
         log.info("metrics on %s", url, extra={"metrics_url": url})
     log_exposure(settings, identify)
+    _log_budgets(settings, work_memory, device_budget, limit, device)
+    return Running(server, servicer, health_servicer, executor, port, device, store, metrics, local)
+
+
+def _log_budgets(
+    settings: Settings,
+    work_memory: MemoryAccount,
+    device_budget: MemoryAccount | None,
+    limit: int,
+    device: torch.device,
+) -> None:
     log.info(
-        "memory budgets: matrix_memory_bytes=%d (session state), request_memory_bytes=%d (calls in flight), "
-        "max_message_bytes=%d (docs/limits.md)",
+        "memory budgets: matrix_memory_bytes=%d (session state%s), request_memory_bytes=%d (calls in flight), "
+        "max_message_bytes=%d, soft_label_dtype=%s (docs/limits.md)",
         settings.matrix_memory_bytes,
+        ", replay logs; the matrices are on the device" if device_budget is not None else "",
         work_memory.limit,
         limit,
+        settings.soft_label_dtype,
         extra={
             "matrix_memory_bytes": settings.matrix_memory_bytes,
             "request_memory_bytes": work_memory.limit,
             "max_message_bytes": limit,
+            "soft_label_dtype": settings.soft_label_dtype,
         },
     )
-    return Running(server, servicer, health_servicer, executor, port, device, store, metrics, local)
+    if device_budget is None:
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    log.info(
+        "device memory budget: device_memory_bytes=%d of %s's %d bytes (session matrices, epoch ends, snapshots)",
+        device_budget.limit,
+        device,
+        total,
+        extra={"device_memory_bytes": device_budget.limit, "device_total_bytes": total, "device_free_bytes": free},
+    )
+    if device_budget.limit > free:
+        log.warning(
+            "device_memory_bytes=%d is more than the %d bytes free on %s now (another process uses it?): "
+            "sessions the budget admits may fail with CUDA out of memory",
+            device_budget.limit,
+            free,
+            device,
+            extra={"device_memory_bytes": device_budget.limit, "device_free_bytes": free},
+        )
 
 
 def _start_local(

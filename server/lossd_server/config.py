@@ -50,15 +50,31 @@ class Settings(BaseSettings):
     matrix_memory_bytes: int = Field(
         4 * GiB,
         ge=0,
-        description="Budget for what sessions hold between calls: OLS matrices (12 C^2 + 8 C bytes), class "
-        "weights (8 C bytes), the replay log (1 MiB a rank with the default replay_ids, and its kept responses).",
+        description="Budget for what sessions hold between calls: OLS matrices (12 C^2 + 8 C bytes, 10 C^2 + 8 C "
+        "with a bfloat16 S) and class weights (8 C bytes) on a CPU device (on CUDA: device_memory_bytes), "
+        "the replay log (1 MiB a rank with the default replay_ids, and its kept responses).",
     )
     request_memory_bytes: int | None = Field(
         None,
         ge=16 * MiB,
         description="Budget for work in flight: received messages, what their math and responses allocate, "
-        "epoch ends and snapshot staging copies. Past it a call waits up to 2 s, then gets RESOURCE_EXHAUSTED. "
+        "and on a CPU device epoch ends and snapshot staging copies. Past it a call waits up to 2 s, then gets "
+        "RESOURCE_EXHAUSTED. "
         "Default: a quarter of the machine's (or the container's) memory, at most 4 GiB.",
+    )
+    device_memory_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Budget of a CUDA device's memory for the session state held there (OLS matrices, class "
+        "weights) and its epoch ends and snapshot copies, which then leave matrix_memory_bytes and "
+        "request_memory_bytes. Default: 80% of the device's memory, leaving at least request_memory_bytes + 1 GiB "
+        "for calls in flight and CUDA itself. Setting it on a CPU device is an error.",
+    )
+    soft_label_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype in which sessions hold the OLS soft labels S: bfloat16 halves them (2 C^2 bytes) at "
+        "about 3 significant digits (8-bit mantissa). The accumulator stays float64; the wire and the store "
+        "carry S as float32.",
     )
     replay_ids: int = Field(
         1024, ge=1, description="Training request ids remembered per rank, so a resend is never applied twice."

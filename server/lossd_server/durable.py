@@ -31,10 +31,11 @@ from lossd._exceptions import LossdError, NotFoundError, ResourceExhaustedError,
 from lossd._kernels import MathKernel
 from lossd._spec import SessionSpec
 from lossd_server.config import Settings
+from lossd_server.footprint import SOFT_LABEL_DTYPES, Budgets, snapshot_bytes
 from lossd_server.memory import MemoryAccount, Reservation, Unlimited
 from lossd_server.progress import ProgressFiles
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Progress, Session, SessionView, snapshot_bytes, view_of_stored
+from lossd_server.session import Progress, Session, SessionView, view_of_stored
 from lossd_server.statedb import SessionGone, StateDB, Statistics, StoreFileError
 from lossd_server.store import (
     MemoryStore,
@@ -77,29 +78,32 @@ class DurableStore:
         idle_ttl_seconds: float = 1800.0,
         math_kernel: MathKernel = "eager",
         work_memory: MemoryAccount | None = None,
+        device_memory: MemoryAccount | None = None,
+        soft_dtype: torch.dtype = torch.float32,
     ) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self.memory = MemoryAccount("state", matrix_memory_bytes, "matrix_memory_bytes")
-        self._work_memory = work_memory or Unlimited()
+        self.budgets = Budgets(self.memory, work_memory or Unlimited(), device_memory)
+        self._device, self._soft_dtype = device, soft_dtype
         # How this store makes a session, new or from the store: one place for what every session shares.
         self._build = functools.partial(
             Session,
             device=device,
             replay=self._replay,
             math_kernel=math_kernel,
-            state_memory=self.memory,
-            work_memory=self._work_memory,
+            budgets=self.budgets,
+            soft_dtype=soft_dtype,
         )
         self._restore = functools.partial(
             Session.from_stored,
             device=device,
             replay=self._replay,
             math_kernel=math_kernel,
-            state_memory=self.memory,
-            work_memory=self._work_memory,
+            budgets=self.budgets,
+            soft_dtype=soft_dtype,
         )
         self._history_bytes = history_bytes
         self._idle_ttl = idle_ttl_seconds
@@ -155,9 +159,10 @@ class DurableStore:
             spec,
             sessions=len(self._known) if new else 0,  # a stored session already counts
             max_sessions=self._max_sessions,
-            memory=self.memory,
-            work_memory=self._work_memory,
+            budgets=self.budgets,
+            soft_dtype=self._soft_dtype,
             build=build,
+            resident=list(self._resident.values()),
             hint=f" (idle sessions leave memory after idle_ttl_seconds={self._idle_ttl:g})",
         )
 
@@ -175,7 +180,8 @@ class DurableStore:
             raise NotFoundError(f"session {key[1]!r} not found")
 
         def build() -> Session:
-            stored = self._db.load(*key)
+            # Read straight into the session's device and dtype, a chunk at a time: no host copy on a GPU.
+            stored = self._db.load(*key, device=self._device, soft_dtype=self._soft_dtype)
             if stored is None:
                 raise NotFoundError(f"session {key[1]!r} not found")
             return self._restore(stored, progress=self._progress.read(stored.incarnation))
@@ -283,7 +289,7 @@ class DurableStore:
             stored = self._db.summary(*key)  # no matrices read for a session out of memory
             if stored is not None:  # else deleted meanwhile
                 progress = self._progress.read(stored.incarnation)
-                views.append(view_of_stored(stored, progress))
+                views.append(view_of_stored(stored, progress, self._soft_dtype))
         return views
 
     def delete(self, owner: str, name: str) -> Session | None:
@@ -340,8 +346,9 @@ class DurableStore:
         self._progress.covered(session.incarnation, statistics.changes)  # the log keeps only later batches
 
     def _staging(self, session: Session, wait: float = 0.0) -> Reservation:
-        """Room for the snapshot's staging copy of the accumulator, from the request budget."""
-        return self._work_memory.reserve(
+        """Room for the snapshot's staging copy of the accumulator, where the accumulator is (Budgets.transients):
+        on a GPU it is copied there and written out a chunk at a time, so it costs no host memory."""
+        return self.budgets.transients.reserve(
             snapshot_bytes(session.spec), f"the snapshot of session {session.name!r}", wait=wait
         )
 
@@ -431,9 +438,16 @@ class DurableStore:
             )
 
 
-def open_store(settings: Settings, device: torch.device, work_memory: MemoryAccount | None = None) -> SessionStore:
-    """The store the settings ask for; a damaged store file raises StoreFileError and is left untouched."""
+def open_store(
+    settings: Settings,
+    device: torch.device,
+    work_memory: MemoryAccount | None = None,
+    device_memory: MemoryAccount | None = None,
+) -> SessionStore:
+    """The store the settings ask for; a damaged store file raises StoreFileError and is left untouched.
+    ``device_memory``: the CUDA device's account (lossd_server.device.device_memory), None on the CPU."""
     replay = ReplayLimits(ids=settings.replay_ids, responses=settings.replay_responses)
+    soft_dtype = SOFT_LABEL_DTYPES[settings.soft_label_dtype]
     if settings.store == "memory":
         log.warning("store=memory: sessions are lost when the server stops")
         return MemoryStore(
@@ -443,6 +457,8 @@ def open_store(settings: Settings, device: torch.device, work_memory: MemoryAcco
             replay=replay,
             math_kernel=settings.math_kernel,
             work_memory=work_memory,
+            device_memory=device_memory,
+            soft_dtype=soft_dtype,
         )
     return DurableStore(
         settings.resolved_state_dir,
@@ -455,4 +471,6 @@ def open_store(settings: Settings, device: torch.device, work_memory: MemoryAcco
         idle_ttl_seconds=settings.idle_ttl_seconds,
         math_kernel=settings.math_kernel,
         work_memory=work_memory,
+        device_memory=device_memory,
+        soft_dtype=soft_dtype,
     )

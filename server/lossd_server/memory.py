@@ -1,12 +1,15 @@
 """Byte budgets that are reserved before memory is allocated, so a client can never make the server OOM.
 
-The server keeps two accounts:
+The server keeps two accounts, three on a CUDA device:
 
 - ``state`` (``--matrix-memory-bytes``): what the server holds for a client between
-  calls: OLS matrices, class weights, the replay log's kept responses, and the
-  staging copy of a snapshot in progress;
+  calls: OLS matrices, class weights, the replay log's kept responses;
 - ``requests`` (``--request-memory-bytes``): what a call in flight holds: its
-  received message and everything its math and response allocate.
+  received message and everything its math and response allocate, and on the CPU
+  an epoch's end and a snapshot's staging copy;
+- ``device`` (``--device-memory-bytes``, CUDA only): the session matrices held on
+  the device and the copies an epoch end or a snapshot makes of them there, which
+  then leave the two host accounts (``lossd_server.footprint``).
 
 A reservation that does not fit either waits a short while for work in flight to
 release memory, or fails with RESOURCE_EXHAUSTED quoting the numbers.

@@ -495,9 +495,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
         )
 
     def _answer_memory(self, session: Session, copies: int, what: str) -> Reservation:
-        """A reservation for an answer that copies the session's matrices ``copies`` times (copy, encode, send)."""
+        """A reservation for an answer that copies the session's matrices ``copies`` times (copy, encode, send),
+        in host memory and with S in float32 wherever and however the session holds it."""
         return self._work_memory.reserve(
-            copies * session.state_bytes, f"{what} of session {session.name!r}", wait=self._admission_wait
+            copies * session.answer_bytes, f"{what} of session {session.name!r}", wait=self._admission_wait
         )
 
     def _get_state(self, owner: str, request: pb.GetStateRequest) -> pb.SessionState:

@@ -8,6 +8,7 @@ next_epoch, and the last arrival publishes S from everyone's statistics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import threading
@@ -25,7 +26,8 @@ from lossd._exceptions import AbortedError, FailedPreconditionError, InvalidArgu
 from lossd._kernels import MathKernel
 from lossd._spec import SessionSpec
 from lossd_server.batch import Batch
-from lossd_server.memory import MemoryAccount, Reservation, Unlimited
+from lossd_server.footprint import Budgets, epoch_end_bytes, ols_math_kernel, state_bytes
+from lossd_server.memory import Reservation, Unlimited
 from lossd_server.replay import Commit, ReplayLimits, ReplayLog
 from lossd_server.spec import MAX_COUNT, MAX_EPOCH, finite_in_float32
 from lossd_server.statedb import Statistics, StoredSession
@@ -34,25 +36,6 @@ from lossd_server.statedb import Statistics, StoredSession
 # finishes, or LoadState replaces the state. Receives the new state's statistics
 # and S (None for stateless kinds). If it raises, nothing changes.
 DurableHook = Callable[["Session", Statistics, "torch.Tensor | None"], None]
-
-
-def state_bytes(spec: SessionSpec) -> int:
-    """What the session holds: float32 soft labels, float64 accumulator, int64 counts, float64 class weights."""
-    c = spec.n_classes
-    weights = 8 * c if spec.weight is not None else 0
-    if spec.kind != "online_label_smoothing":
-        return weights
-    return c * c * (4 + 8) + c * 8 + weights
-
-
-def epoch_end_bytes(spec: SessionSpec) -> int:
-    """Transient memory of finishing an epoch (the float64 average, then the float32 S): 12 C^2."""
-    return 12 * spec.n_classes**2 if spec.kind == "online_label_smoothing" else 0
-
-
-def snapshot_bytes(spec: SessionSpec) -> int:
-    """The staging copy a snapshot takes of the accumulator and counts."""
-    return 8 * spec.n_classes**2 + 8 * spec.n_classes if spec.kind == "online_label_smoothing" else 0
 
 
 def request_digest(rank: int, request_id: str) -> bytes:
@@ -76,7 +59,7 @@ NO_DIGEST = bytes(16)
 @dataclass(frozen=True)
 class StateSnapshot:
     epoch: int
-    soft_labels: torch.Tensor  # class-major [C, C] float32, CPU
+    soft_labels: torch.Tensor  # class-major [C, C] float32 (whatever the session holds), CPU
     accumulator: torch.Tensor  # class-major [C, C] float64, CPU
     counts: torch.Tensor  # [C] int64, CPU
     samples_this_epoch: int
@@ -142,17 +125,21 @@ class Session:
         replay: ReplayLimits | None = None,
         *,
         math_kernel: MathKernel = "eager",
-        state_memory: MemoryAccount | None = None,
-        work_memory: MemoryAccount | None = None,
+        budgets: Budgets | None = None,
+        soft_dtype: torch.dtype = torch.float32,
         initial_state: bool = True,
     ) -> None:
         """``initial_state=False`` leaves the matrices empty for :meth:`from_stored` to fill, so a
-        session loaded from the store never holds a second, initial set beside the stored one."""
+        session loaded from the store never holds a second, initial set beside the stored one.
+        ``soft_dtype``: what S is held in (float32 or bfloat16); it is float32 wherever it leaves."""
         self.name = name
         # The budgets: what the session holds (its reservation is the store's), and transient work.
         self.memory: Reservation | None = None
-        self._work_memory = work_memory or Unlimited()
-        self.math_kernel = math_kernel  # the eager ops or the device's fused kernel (lossd._kernels)
+        self._budgets = budgets or Budgets(Unlimited(), Unlimited())
+        self._soft_dtype = soft_dtype
+        self._ols = spec.kind == "online_label_smoothing"
+        # The eager ops or the device's fused kernel (lossd._kernels); only OLS sessions read S.
+        self.math_kernel = ols_math_kernel(math_kernel, soft_dtype, device) if self._ols else math_kernel
         self.spec = spec
         self.device = device
         self.created_at = self.updated_at = time.time()
@@ -160,7 +147,7 @@ class Session:
         self.samples_this_epoch = 0
         self.correct_this_epoch = 0
         self._replay_limits = replay or ReplayLimits()
-        self.replay: ReplayLog[object] = ReplayLog(self._replay_limits, state_memory, _response_bytes)
+        self.replay: ReplayLog[object] = ReplayLog(self._replay_limits, self._budgets.state, _response_bytes)
         self._lock = threading.Lock()
         # Durability: training ids whose statistics are in the accumulator (so a snapshot
         # carries them), a counter of changes since the last snapshot, and what a crash lost.
@@ -185,19 +172,33 @@ class Session:
         self._generation = 0
         weights = spec.weight_tensor
         self._weight = weights.to(device) if weights is not None else None
-        self._ols = spec.kind == "online_label_smoothing"
         c = spec.n_classes
         if self._ols:
             assert spec.init is not None and spec.convention in ("uniform", "off_target")
-            self._soft_labels = torch.empty(0)
-            if initial_state:
-                self._soft_labels = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=device)
+            self._soft_labels = self._initial_soft_labels() if initial_state else torch.empty(0)
             self._accumulator = torch.zeros((c, c) if initial_state else 0, dtype=torch.float64, device=device)
             self._counts = torch.zeros(c, dtype=torch.int64, device=device)
 
     @property
     def state_bytes(self) -> int:
+        return state_bytes(self.spec, self._soft_dtype)
+
+    @property
+    def answer_bytes(self) -> int:
+        """The session's matrices as answers carry them: S in float32."""
         return state_bytes(self.spec)
+
+    def _initial_soft_labels(self) -> torch.Tensor:
+        spec, c = self.spec, self.spec.n_classes
+        assert spec.init is not None and spec.convention in ("uniform", "off_target")
+        initial = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=self.device)
+        if self._soft_dtype == torch.float32:
+            return initial
+        # Rounded from the float32 values, as every later S is; the float32 copy is there for a moment.
+        with self._budgets.transients.reserve(initial.nbytes, f"the initial soft labels of session {self.name!r}"):
+            rounded = initial.to(self._soft_dtype)
+            del initial
+            return rounded
 
     @property
     def world_size(self) -> int:
@@ -445,7 +446,7 @@ class Session:
                 raise InvalidArgumentError(
                     f"session: {self.name!r} is a {self.spec.kind} session; only online_label_smoothing has soft labels"
                 )
-            return self.epoch, self._soft_labels.to("cpu", copy=True)
+            return self.epoch, self._soft_labels.to("cpu", torch.float32, copy=True)
 
     def arrive(self, rank: int, epoch: int | None) -> Future[SessionView]:
         """Record that ``rank`` finished ``epoch``; the future resolves when every rank has.
@@ -478,7 +479,7 @@ class Session:
             done = self._epoch_done
             if len(self._ranks_finished) == self.world_size:
                 try:
-                    with self._work_memory.reserve(
+                    with self._budgets.transients.reserve(
                         epoch_end_bytes(self.spec), f"the end of epoch {self.epoch} of session {self.name!r}", wait=5.0
                     ):
                         self._finish_epoch()
@@ -516,13 +517,16 @@ class Session:
         self._epoch_done = Future()
 
     def _advance(self) -> None:
-        soft_labels = None
+        soft_labels = stored = None
         if self._ols:
             assert self.spec.empty_class is not None
+            # Computed in float64 and float32 whatever S is held in, then rounded once (epoch_end_bytes).
             soft_labels = F.next_soft_labels(self._accumulator, self._counts, self._soft_labels, self.spec.empty_class)
+            soft_labels = soft_labels.to(self._soft_dtype)
+            stored = soft_labels.to(torch.float32)  # the store keeps float32; on a GPU it is copied out in chunks
         new = Statistics(self.epoch + 1, None, None, 0, 0, 0, {}, time.time(), self.changes + 1)
         if self.on_epoch is not None:
-            self.on_epoch(self, new, None if soft_labels is None else soft_labels.to("cpu"))  # durable first
+            self.on_epoch(self, new, stored)  # durable first
             self.saved_changes, self.snapshot_at = new.changes, new.taken_at
         if soft_labels is not None:
             self._soft_labels = soft_labels
@@ -539,7 +543,8 @@ class Session:
         self.updated_at = time.time()
 
     def statistics(self) -> tuple[Statistics, int]:
-        """The current epoch's statistics (copied to the CPU) and the change count they reflect."""
+        """The current epoch's statistics (copied on the session's device: snapshot_bytes of the
+        transients account) and the change count they reflect."""
         with self._lock:
             self._check_live()
         return self._statistics_unchecked()
@@ -548,7 +553,7 @@ class Session:
         with self._lock:
             acc = counts = None
             if self._ols:
-                acc, counts = self._accumulator.to("cpu", copy=True), self._counts.to("cpu", copy=True)
+                acc, counts = self._accumulator.clone(), self._counts.clone()  # briefly under the lock
             applied = {rank: list(ids.items()) for rank, ids in self._applied.items()}
             statistics = Statistics(
                 self.epoch,
@@ -573,8 +578,8 @@ class Session:
         progress: list[Progress],
         *,
         math_kernel: MathKernel = "eager",
-        state_memory: MemoryAccount | None = None,
-        work_memory: MemoryAccount | None = None,
+        budgets: Budgets | None = None,
+        soft_dtype: torch.dtype = torch.float32,
     ) -> Session:
         """Rebuild a session from the store.
 
@@ -587,8 +592,8 @@ class Session:
             device,
             replay,
             math_kernel=math_kernel,
-            state_memory=state_memory,
-            work_memory=work_memory,
+            budgets=budgets,
+            soft_dtype=soft_dtype,
             initial_state=False,
         )
         try:
@@ -599,16 +604,15 @@ class Session:
         return session
 
     def _restore_stored(self, stored: StoredSession, progress: list[Progress]) -> None:
-        spec, device, c = self.spec, self.device, self.spec.n_classes
+        device, c = self.device, self.spec.n_classes
         self.incarnation = stored.incarnation
         self.created_at, self.updated_at = stored.created_at, stored.updated_at
         self.epoch = stored.epoch
         if self._ols:
-            assert spec.init is not None and spec.convention in ("uniform", "off_target")
             if stored.supervise is not None:
-                self._soft_labels = stored.supervise.to(device, torch.float32)
+                self._soft_labels = stored.supervise.to(device, self._soft_dtype)
             else:
-                self._soft_labels = F.initial_soft_labels(c, spec.smoothing, spec.init, spec.convention, device=device)
+                self._soft_labels = self._initial_soft_labels()
         statistics = stored.statistics
         if self._ols:
             if statistics is not None and statistics.accumulator is not None and statistics.counts is not None:
@@ -640,9 +644,8 @@ class Session:
         with self._lock:
             self._check_live()
             if self._ols:
-                soft, acc, counts = (
-                    t.to("cpu", copy=True) for t in (self._soft_labels, self._accumulator, self._counts)
-                )
+                soft = self._soft_labels.to("cpu", torch.float32, copy=True)
+                acc, counts = (t.to("cpu", copy=True) for t in (self._accumulator, self._counts))
             else:  # stateless kinds carry empty matrices
                 soft = torch.zeros((0, 0), dtype=torch.float32)
                 acc = torch.zeros((0, 0), dtype=torch.float64)
@@ -652,7 +655,22 @@ class Session:
     def restore(self, state: StateSnapshot) -> None:
         """Replace the whole state. ``state`` must already be validated by :func:`check_state`."""
         check_state(self.spec, state)
+        # On a device the new matrices sit beside the old ones until they replace them.
+        device = self._budgets.device
+        room = device.reserve(self.state_bytes, f"LoadState of session {self.name!r}", wait=5.0) if device else None
+        with room or contextlib.nullcontext():
+            self._replace(state)
+
+    def _replace(self, state: StateSnapshot) -> None:
         correct = int(state.counts.sum()) if self._ols else 0
+        matrices = stored = None
+        if self._ols:  # copied before the lock: the input does not change
+            soft = state.soft_labels.to(self.device, self._soft_dtype, copy=True)
+            acc = state.accumulator.to(self.device, torch.float64, copy=True)
+            matrices = soft, acc, state.counts.to(self.device, torch.int64, copy=True)
+            # S as the session will hold it, in the store's float32: the input itself unless it is rounded.
+            rounded = self._soft_dtype != torch.float32
+            stored = (soft if rounded else state.soft_labels).to("cpu", torch.float32)
         with self._lock:
             self._check_live()
             new = Statistics(
@@ -667,7 +685,7 @@ class Session:
                 self.changes + 1,
             )
             if self.on_replace is not None:  # durable before it is acknowledged, or nothing changes
-                self.on_replace(self, new, state.soft_labels.to("cpu", torch.float32) if self._ols else None)
+                self.on_replace(self, new, stored)
                 self.saved_changes, self.snapshot_at = new.changes, new.taken_at
             self._release_waiters(
                 AbortedError(
@@ -676,10 +694,8 @@ class Session:
             )
             self._last_finished = None
             self._generation += 1
-            if self._ols:
-                self._soft_labels = state.soft_labels.to(self.device, torch.float32, copy=True)
-                self._accumulator = state.accumulator.to(self.device, torch.float64, copy=True)
-                self._counts = state.counts.to(self.device, torch.int64, copy=True)
+            if matrices is not None:
+                self._soft_labels, self._accumulator, self._counts = matrices
             self.epoch = state.epoch
             self.samples_this_epoch = state.samples_this_epoch
             self.correct_this_epoch = correct
@@ -713,7 +729,9 @@ def lost_in_crash(stored: StoredSession, progress: list[Progress]) -> tuple[int,
     return samples_lost, lost, max(records, default=0)
 
 
-def view_of_stored(stored: StoredSession, progress: list[Progress]) -> SessionView:
+def view_of_stored(
+    stored: StoredSession, progress: list[Progress], soft_dtype: torch.dtype = torch.float32
+) -> SessionView:
     """What GetSession reports of a session out of memory, from its summary alone: no matrix is allocated."""
     statistics = stored.statistics
     return SessionView(
@@ -724,7 +742,7 @@ def view_of_stored(stored: StoredSession, progress: list[Progress]) -> SessionVi
         correct_this_epoch=statistics.correct if statistics is not None else 0,
         created_at=stored.created_at,
         updated_at=stored.updated_at,
-        state_bytes=state_bytes(stored.spec),
+        state_bytes=state_bytes(stored.spec, soft_dtype),
         ranks_finished=(),
         samples_lost=lost_in_crash(stored, progress)[0],
         snapshot_at=statistics.taken_at if statistics is not None else 0.0,

@@ -83,7 +83,7 @@ class Statistics:
     """A session's current-epoch statistics, as snapshotted."""
 
     epoch: int
-    accumulator: torch.Tensor | None  # None: zeros
+    accumulator: torch.Tensor | None  # None: zeros. On the session's device (a GPU's is written in chunks)
     counts: torch.Tensor | None
     samples: int
     correct: int
@@ -126,10 +126,24 @@ def _zeroblob(parameter: int) -> str:
 
 def _write_blob(db: sqlite3.Connection, table: str, column: str, rowid: int, tensor: torch.Tensor) -> None:
     """Fill the zeroblob at ``rowid`` with the tensor's bytes, in the caller's transaction."""
-    data = byte_view(tensor)  # little-endian, as stored: the codec refuses big-endian hosts
     with db.blobopen(table, column, rowid) as blob:
+        for chunk in host_chunks(tensor):
+            blob.write(chunk)
+
+
+def host_chunks(tensor: torch.Tensor, *, copy_out: bool | None = None) -> Iterator[memoryview]:
+    """The tensor's bytes (little-endian, as stored: the codec refuses big-endian hosts) in chunks of at most
+    ``_CHUNK``: views of a CPU tensor's memory; ``copy_out`` (the default on a GPU), each chunk copied to
+    the host in turn, so a tensor on a GPU costs one chunk of host memory."""
+    if not (tensor.device.type != "cpu" if copy_out is None else copy_out):
+        data = byte_view(tensor)
         for start in range(0, len(data), _CHUNK):
-            blob.write(data[start : start + _CHUNK])
+            yield data[start : start + _CHUNK]
+        return
+    flat = tensor.reshape(-1)
+    step = _CHUNK // tensor.element_size()
+    for start in range(0, flat.numel(), step):
+        yield byte_view(flat[start : start + step].cpu())
 
 
 def _copy_blob(db: sqlite3.Connection, column: str, source: tuple[str, int], target: tuple[str, int]) -> None:
@@ -143,17 +157,42 @@ def _copy_blob(db: sqlite3.Connection, column: str, source: tuple[str, int], tar
 
 
 def _read_blob(
-    db: sqlite3.Connection, table: str, column: str, rowid: int, dtype: torch.dtype, shape: tuple[int, ...]
+    db: sqlite3.Connection,
+    table: str,
+    column: str,
+    rowid: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | None = None,
+    as_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The blob read chunk by chunk into a new tensor: no whole-blob bytes object on the way."""
-    tensor = torch.empty(shape, dtype=dtype)
-    target = byte_view(tensor)
+    """The blob (of ``dtype``) read chunk by chunk into a new tensor: no whole-blob bytes object on the way.
+    Into ``device`` and ``as_dtype`` when given, converting a chunk at a time: no whole host copy either."""
+    as_dtype = as_dtype or dtype
+    if (device is None or device.type == "cpu") and as_dtype == dtype:
+        tensor = torch.empty(shape, dtype=dtype)
+        target = byte_view(tensor)
+        with db.blobopen(table, column, rowid, readonly=True) as blob:
+            _check_length(blob, len(target), table, column, shape)
+            for start in range(0, len(target), _CHUNK):
+                target[start : start + _CHUNK] = blob.read(_CHUNK)
+        return tensor
+    tensor = torch.empty(shape, dtype=as_dtype, device=device)
+    flat = tensor.view(-1)
+    chunk = torch.empty(_CHUNK // dtype.itemsize, dtype=dtype)
     with db.blobopen(table, column, rowid, readonly=True) as blob:
-        if len(blob) != len(target):
-            raise StoreFileError(f"{table}.{column}: {len(blob)} bytes stored, {len(target)} expected for {shape}")
-        for start in range(0, len(target), _CHUNK):
-            target[start : start + _CHUNK] = blob.read(_CHUNK)
+        _check_length(blob, flat.numel() * dtype.itemsize, table, column, shape)
+        for start in range(0, flat.numel(), chunk.numel()):
+            part = chunk[: min(chunk.numel(), flat.numel() - start)]
+            byte_view(part)[:] = blob.read(part.numel() * dtype.itemsize)
+            flat[start : start + part.numel()].copy_(part)
     return tensor
+
+
+def _check_length(blob: sqlite3.Blob, expected: int, table: str, column: str, shape: tuple[int, ...]) -> None:
+    if len(blob) != expected:
+        raise StoreFileError(f"{table}.{column}: {len(blob)} bytes stored, {expected} expected for {shape}")
 
 
 def _applied_json(statistics: Statistics) -> str:
@@ -445,7 +484,10 @@ class StateDB:
                 return None
             return _read_blob(self._connection, "epochs", "supervise", row[0], torch.float32, (n_classes, n_classes))
 
-    def load(self, owner: str, name: str) -> StoredSession | None:
+    def load(
+        self, owner: str, name: str, *, device: torch.device | None = None, soft_dtype: torch.dtype = torch.float32
+    ) -> StoredSession | None:
+        """The session with its matrices on ``device`` (the CPU by default), S in ``soft_dtype``."""
         with self._lock:
             db = self._connection
             row = db.execute(
@@ -459,9 +501,11 @@ class StateDB:
             stored_s = db.execute(
                 "SELECT rowid FROM epochs WHERE owner = ? AND name = ? AND epoch = ?", (owner, name, epoch)
             ).fetchone()
-            supervise = (
-                None if stored_s is None else _read_blob(db, "epochs", "supervise", stored_s[0], torch.float32, (c, c))
-            )
+            supervise = None
+            if stored_s is not None:
+                supervise = _read_blob(
+                    db, "epochs", "supervise", stored_s[0], torch.float32, (c, c), device=device, as_dtype=soft_dtype
+                )
             snap = db.execute(
                 "SELECT epoch, length(accumulator), length(counts), samples, correct, samples_lost, applied, "
                 "taken_at, changes, rowid FROM snapshots WHERE owner = ? AND name = ?",  # length() reads no blob
@@ -471,9 +515,11 @@ class StateDB:
             accumulator = counts = None
             if snap is not None and snap[0] == epoch:
                 if snap[1] is not None:
-                    accumulator = _read_blob(db, "snapshots", "accumulator", snap[9], torch.float64, (c, c))
+                    accumulator = _read_blob(
+                        db, "snapshots", "accumulator", snap[9], torch.float64, (c, c), device=device
+                    )
                 if snap[2] is not None:
-                    counts = _read_blob(db, "snapshots", "counts", snap[9], torch.int64, (c,))
+                    counts = _read_blob(db, "snapshots", "counts", snap[9], torch.int64, (c,), device=device)
         statistics = None
         if snap is not None and snap[0] == epoch:
             applied, lost = _parse_applied(snap[6])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import torch
@@ -13,10 +13,11 @@ import torch
 from lossd._exceptions import AlreadyExistsError, NotFoundError, ResourceExhaustedError
 from lossd._kernels import MathKernel
 from lossd._spec import SessionSpec
+from lossd_server.footprint import Budgets, check_fits
 from lossd_server.identifiers import check_session_name
 from lossd_server.memory import MemoryAccount, Unlimited
 from lossd_server.replay import ReplayLimits
-from lossd_server.session import Progress, Session, SessionView, epoch_end_bytes, snapshot_bytes, state_bytes
+from lossd_server.session import Progress, Session, SessionView
 
 check_name = check_session_name  # the stores' name, kept for the callers that import it from here
 
@@ -45,22 +46,21 @@ def admit(
     *,
     sessions: int,
     max_sessions: int,
-    memory: MemoryAccount,
-    work_memory: MemoryAccount,
+    budgets: Budgets,
+    soft_dtype: torch.dtype,
     build: Callable[[], Session],
+    resident: Collection[Session] = (),
     hint: str = "",
 ) -> Session:
-    """``build()`` the session with its state reserved; RESOURCE_EXHAUSTED, with the numbers, when it does not fit."""
+    """``build()`` the session with its state reserved; RESOURCE_EXHAUSTED, with the numbers, when it does not fit.
+    ``resident``: the sessions in memory, whose epoch ends must keep room on a device."""
     if sessions >= max_sessions:
         raise ResourceExhaustedError(f"too many sessions: {sessions} of max_sessions={max_sessions} are in use")
-    # Its epoch end and its snapshots need transient room that only the request budget can give.
-    transient = max(epoch_end_bytes(spec), snapshot_bytes(spec))
-    if transient > work_memory.limit:
-        raise ResourceExhaustedError(
-            f"session {name!r} (n_classes={spec.n_classes}) needs {transient} bytes of working memory to finish "
-            f"an epoch or snapshot its statistics, more than {work_memory.setting}={work_memory.limit}"
-        )
-    needed = state_bytes(spec)
+    held = sum(session.state_bytes for session in resident)
+    needed = check_fits(
+        name, spec, budgets, soft_dtype, resident=(session.spec for session in resident), resident_bytes=held
+    )
+    memory = budgets.matrices
     reservation = memory.try_reserve(needed)
     if reservation is None:
         raise ResourceExhaustedError(
@@ -81,7 +81,7 @@ class StoreStats:
     """What the metrics report about a store, read at scrape time."""
 
     sessions: int
-    matrix_bytes: int  # OLS matrices held, the figure matrix_memory_bytes limits
+    matrix_bytes: int  # OLS matrices held, the figure matrix_memory_bytes (device_memory_bytes on CUDA) limits
     # Age of the oldest change not yet snapshotted (what kill -9 would lose); 0.0 when all is saved or nothing persists.
     snapshot_age_seconds: float
 
@@ -129,18 +129,21 @@ class MemoryStore:
         replay: ReplayLimits | None = None,
         math_kernel: MathKernel = "eager",
         work_memory: MemoryAccount | None = None,
+        device_memory: MemoryAccount | None = None,
+        soft_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._replay = replay or ReplayLimits()
         self._max_sessions = max_sessions
         self.memory = MemoryAccount("state", matrix_memory_bytes, "matrix_memory_bytes")
-        self._work_memory = work_memory or Unlimited()
+        self.budgets = Budgets(self.memory, work_memory or Unlimited(), device_memory)
+        self._soft_dtype = soft_dtype
         self._build = functools.partial(
             Session,
             device=device,
             replay=self._replay,
             math_kernel=math_kernel,
-            state_memory=self.memory,
-            work_memory=self._work_memory,
+            budgets=self.budgets,
+            soft_dtype=soft_dtype,
         )
         self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()
@@ -159,9 +162,10 @@ class MemoryStore:
                 spec,
                 sessions=len(self._sessions),
                 max_sessions=self._max_sessions,
-                memory=self.memory,
-                work_memory=self._work_memory,
+                budgets=self.budgets,
+                soft_dtype=self._soft_dtype,
                 build=lambda: self._build(name, spec),
+                resident=list(self._sessions.values()),
             )
             self._sessions[owner, name] = session
             return session, True
