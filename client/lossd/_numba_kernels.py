@@ -10,42 +10,99 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 MEAN, SUM, NONE = 0, 1, 2  # lossd._fused.REDUCTIONS' order
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def exp_shifted_f32(xi: Any, m: Any, e: Any, bits: Any) -> Any:
-    """``e = exp(xi - m)`` for ``xi <= m`` in float32, vectorised: numba's ``np.exp`` is a scalar libm
-    call per element (about 5x slower) since the LLVM it ships has no vector math library.
-    Cephes' expf: ``2^k * exp(r)`` with ``k = round(s / ln 2)``, ``r`` from a two-part ln 2 (exact
-    products), a degree-7 polynomial for ``exp(r)`` on [-ln2/2, ln2/2] (about 1 ulp), and ``2^k``
-    built from its exponent bits; below exp(-87.3) (under float32's smallest normal) it gives 0.
-    Returns ``sum(e)``, summed in the same pass. ``bits``: int32 scratch of at least ``xi``'s length, the
-    caller's, so that no row allocates."""
-    scale = bits.view(np.float32)
+@intrinsic
+def _int32_bits_as_float32(typingctx: Any, value: Any) -> Any:
+    """The float32 whose bits are the int32 ``value`` (numba has no scalar bitcast of its own)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.int32), codegen
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", inline="always", cache=True)
+def expf_at_most_zero(shifted: Any) -> Any:
+    """``exp(shifted)`` for float32 ``shifted <= 0``, vectorisable: numba's ``np.exp`` is a scalar libm call
+    per element (about 5x slower) since the LLVM it ships has no vector math library. Cephes' expf:
+    ``2^k * exp(r)`` with ``k = round(s / ln 2)``, ``r`` from a two-part ln 2 (exact products), a degree-7
+    polynomial for ``exp(r)`` on [-ln2/2, ln2/2] (about 1 ulp), and ``2^k`` bitcast from its exponent bits;
+    below exp(-87.3) (under float32's smallest normal) it gives 0. Inlined into each loop that uses it,
+    so that every pass over a row computes its exponentials and its sums together."""
     low = np.float32(-87.3)
-    for c in range(xi.shape[0]):
-        shifted = xi[c] - m
-        s = max(shifted, low)
-        k = np.floor(s * np.float32(1.44269504088896341) + np.float32(0.5))
-        r = s - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
-        poly = np.float32(1.9875691500e-4)
-        poly = poly * r + np.float32(1.3981999507e-3)
-        poly = poly * r + np.float32(8.3334519073e-3)
-        poly = poly * r + np.float32(4.1665795894e-2)
-        poly = poly * r + np.float32(1.6666665459e-1)
-        poly = poly * r + np.float32(5.0000001201e-1)
-        e[c] = poly * r * r + r + np.float32(1)
-        bits[c] = (np.int32(k) + 127) << 23 if shifted >= low else 0
+    s = shifted if shifted > low else low
+    k = np.floor(s * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = s - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+    poly = np.float32(1.9875691500e-4)
+    poly = poly * r + np.float32(1.3981999507e-3)
+    poly = poly * r + np.float32(8.3334519073e-3)
+    poly = poly * r + np.float32(4.1665795894e-2)
+    poly = poly * r + np.float32(1.6666665459e-1)
+    poly = poly * r + np.float32(5.0000001201e-1)
+    scale = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return (poly * r * r + r + np.float32(1)) * scale if shifted >= low else np.float32(0)
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp_shifted_f32(xi: Any, m: Any, e: Any) -> Any:
+    """``e = exp(xi - m)`` (float32) and ``sum(e)``, in one pass."""
     total = np.float32(0)
     for c in range(xi.shape[0]):
-        value = e[c] * scale[c]
+        value = expf_at_most_zero(xi[c] - m)
         e[c] = value
         total += value
     return total
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp_shifted_poison_f32(xi: Any, m: Any, e: Any) -> tuple[Any, Any]:
+    """As :func:`exp_shifted_f32`, with ``sum((xi - m) * 0)``: NaN for a NaN or an infinity in the row."""
+    total = np.float32(0)
+    poison = np.float32(0)
+    for c in range(xi.shape[0]):
+        shifted = xi[c] - m
+        value = expf_at_most_zero(shifted)
+        e[c] = value
+        total += value
+        poison += shifted * np.float32(0)
+    return total, poison
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp_shifted_sum_f32(xi: Any, m: Any, e: Any) -> tuple[Any, Any]:
+    """As :func:`exp_shifted_f32`, with ``sum(xi - m)`` (label smoothing's uniform term)."""
+    total = np.float32(0)
+    shifted_sum = np.float32(0)
+    for c in range(xi.shape[0]):
+        shifted = xi[c] - m
+        value = expf_at_most_zero(shifted)
+        e[c] = value
+        total += value
+        shifted_sum += shifted
+    return total, shifted_sum
+
+
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def exp_shifted_dot_f32(xi: Any, m: Any, e: Any, q: Any) -> tuple[Any, Any, Any]:
+    """As :func:`exp_shifted_f32`, with ``sum(q * (xi - m))`` and ``sum(q)`` (OLS's soft-label row ``q``)."""
+    total = np.float32(0)
+    dot = np.float32(0)
+    mass = np.float32(0)
+    for c in range(xi.shape[0]):
+        shifted = xi[c] - m
+        value = expf_at_most_zero(shifted)
+        e[c] = value
+        total += value
+        t = q[c]
+        dot += t * shifted
+        mass += t
+    return total, dot, mass
 
 
 LANES = 16  # independent running maxima: one AVX-512 register of float32, two of AVX2
@@ -55,7 +112,7 @@ LANES = 16  # independent running maxima: one AVX-512 register of float32, two o
 def row_maximum(xi: Any, lanes: Any) -> Any:
     """``max(xi)`` over ``LANES`` independent running maxima, which LLVM vectorises; numba's ``max`` (with
     its NaN rules) runs one dependent compare per element, about 5x slower at C = 1000. A NaN is skipped
-    here, not propagated: the caller's poison sum makes such a row's loss NaN all the same. ``lanes``:
+    here, not propagated: the caller's poison makes such a row's loss NaN all the same. ``lanes``:
     scratch of ``LANES`` elements, the caller's."""
     n = xi.shape[0]
     m = xi[0]
@@ -96,11 +153,10 @@ def row(
     row_max: Any,
     inv_sum: Any,
     scratch: Any,
-    bits: Any,
     lanes: Any,
 ) -> None:
-    """Row ``i``. ``scratch`` (the exponentials when no gradient row holds them), ``bits`` and ``lanes``
-    are the calling chunk's, allocated once for its rows."""
+    """Row ``i``. ``scratch`` (the exponentials when no gradient row holds them) and ``lanes`` are the
+    calling chunk's, allocated once for its rows."""
     n_classes = x.shape[1]
     spike, base, table_scale = params[0], params[1], params[2]
     zero = params[3]  # 0 in the compute dtype
@@ -111,54 +167,71 @@ def row(
     m = row_maximum(xi, lanes)
     # e = exp(z - m) goes into the gradient row (or scratch) so that exp runs once per logit.
     e = grad[i] if need_grad else scratch
-    if x.itemsize == 4:
-        total = exp_shifted_f32(xi, m, e, bits)
-    else:
-        total = zero
-        for c in range(n_classes):
-            e[c] = np.exp(xi[c] - m)
-            total += e[c]
-    ties = zero
-    poison = zero  # z * 0: NaN for any NaN or infinity in the row
-    for c in range(n_classes):
-        poison += xi[c] * zero
-        ties += 1 if xi[c] == m else 0
     # dot = sum_c q_c (z_c - m), mass = sum_c q_c, term by term (spike, base, table).
     w_label = weight[label] if has_weight else zero + 1
     row_spike = spike * w_label
     dot = row_spike * (xi[label] - m)
     mass = row_spike
-    if base != 0:
-        shifted_sum = zero
-        if has_weight:
-            for c in range(n_classes):
-                shifted_sum += weight[c] * (xi[c] - m)
+    # A NaN or an infinity anywhere in the row must make its loss NaN (the caller then runs the eager math).
+    # The base and table sums run over every (z_c - m), which is NaN or infinite for such a row (0 * inf is
+    # NaN too), so dot carries it; plain cross-entropy has no such sum and takes a sum of (z_c - m) * 0.
+    poison = zero
+    if x.itemsize == 4 and not has_weight and not (base != 0 and has_table):
+        # float32 without weights (the common cases): the sums ride along in the exp pass.
+        if has_table:
+            total, table_dot, table_mass = exp_shifted_dot_f32(xi, m, e, trow)
+            dot += table_scale * table_dot
+            mass += table_scale * table_mass
+        elif base != 0:
+            total, shifted_sum = exp_shifted_sum_f32(xi, m, e)
+            dot += base * shifted_sum
+            mass += base * sum_weight
         else:
-            for c in range(n_classes):
-                shifted_sum += xi[c] - m
-        dot += base * shifted_sum
-        mass += base * sum_weight
-    if has_table:
-        table_dot = zero
-        table_mass = zero
-        if has_weight:
-            for c in range(n_classes):
-                t = weight[c] * trow[c]
-                table_dot += t * (xi[c] - m)
-                table_mass += t
+            total, poison = exp_shifted_poison_f32(xi, m, e)
+    else:
+        if x.itemsize == 4:
+            total = exp_shifted_f32(xi, m, e)
         else:
+            total = zero
             for c in range(n_classes):
-                t = zero + trow[c]
-                table_dot += t * (xi[c] - m)
-                table_mass += t
-        dot += table_scale * table_dot
-        mass += table_scale * table_mass
+                e[c] = np.exp(xi[c] - m)
+                total += e[c]
+        if base != 0:
+            shifted_sum = zero
+            if has_weight:
+                for c in range(n_classes):
+                    shifted_sum += weight[c] * (xi[c] - m)
+            else:
+                for c in range(n_classes):
+                    shifted_sum += xi[c] - m
+            dot += base * shifted_sum
+            mass += base * sum_weight
+        if has_table:
+            table_dot = zero
+            table_mass = zero
+            if has_weight:
+                for c in range(n_classes):
+                    t = weight[c] * trow[c]
+                    table_dot += t * (xi[c] - m)
+                    table_mass += t
+            else:
+                for c in range(n_classes):
+                    t = zero + trow[c]
+                    table_dot += t * (xi[c] - m)
+                    table_mass += t
+            dot += table_scale * table_dot
+            mass += table_scale * table_mass
+        if base == 0 and not has_table:
+            for c in range(n_classes):
+                poison += xi[c] * zero
+    if base != 0 or has_table:
+        poison = dot * zero
     inv = 1 / total
     row_max[i] = m
     inv_sum[i] = inv
     losses[i] = (mass * np.log(total) - dot + poison) if is_valid else zero + poison
     hit = is_valid and xi[label] == m
-    if hit and ties > 1:  # several maxima: the label counts only if it is the first
+    if hit:  # argmax's rule: the label counts only if no maximum comes before it
         for c in range(label):
             if xi[c] == m:
                 hit = False
@@ -239,12 +312,11 @@ def loss_rows(
     chunks = max(1, min(n, chunks))
     for chunk in prange(chunks):
         scratch = np.empty(0 if need_grad else n_classes, dtype=x.dtype)
-        bits = np.empty(n_classes, dtype=np.int32)
         lanes = np.empty(LANES, dtype=x.dtype)
         for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
             row(
                 x, i, labels[i], valid[i] if has_valid else True, weight, sum_weight, table, params,
-                scale, need_grad, grad, losses, correct, row_max, inv_sum, scratch, bits, lanes,
+                scale, need_grad, grad, losses, correct, row_max, inv_sum, scratch, lanes,
             )  # fmt: skip
     # (the reduced loss, every row's loss finite, the correct rows): the caller's checks need no more ops.
     total = zero
@@ -260,10 +332,10 @@ def loss_rows(
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def probs_into(xi: Any, m: Any, inv: Any, e: Any, bits: Any) -> None:
+def probs_into(xi: Any, m: Any, inv: Any, e: Any) -> None:
     """``e = softmax row`` rounded in the compute dtype, as ``probs`` of the eager math."""
     if xi.itemsize == 4:
-        exp_shifted_f32(xi, m, e, bits)
+        exp_shifted_f32(xi, m, e)
     else:
         for c in range(xi.shape[0]):
             e[c] = np.exp(xi[c] - m)
@@ -283,12 +355,11 @@ def add_statistics(
         low = start * block
         high = min(low + block, n_classes)
         e = np.empty(high - low, dtype=x.dtype)
-        bits = np.empty(high - low, dtype=np.int32)
         for i in range(n):
             if correct[i]:
                 if start == 0:
                     counts[labels[i]] += 1
-                probs_into(x[i, low:high], row_max[i], inv_sum[i], e, bits)
+                probs_into(x[i, low:high], row_max[i], inv_sum[i], e)
                 target = accumulator[labels[i]]
                 for c in range(low, high):
                     target[c] += np.float64(e[c - low])
@@ -299,6 +370,6 @@ def correct_probs(x: Any, index: Any, row_max: Any, inv_sum: Any, out: Any) -> N
     for k in prange(index.shape[0]):
         i = index[k]
         e = np.empty(x.shape[1], dtype=x.dtype)
-        probs_into(x[i], row_max[i], inv_sum[i], e, np.empty(x.shape[1], dtype=np.int32))
+        probs_into(x[i], row_max[i], inv_sum[i], e)
         for c in range(x.shape[1]):
             out[k, c] = np.float64(e[c])
