@@ -99,6 +99,12 @@ def _empty_placeholders(dtype: Any) -> tuple[Any, Any, Any]:
 _PLACEHOLDERS = {np.float32: _empty_placeholders(np.float32), np.float64: _empty_placeholders(np.float64)}
 
 
+def _tensor(array: Any) -> torch.Tensor:
+    """``array`` as a tensor sharing its memory; an empty one made by torch (from_numpy gives it 0 strides,
+    which the transports' byte views refuse)."""
+    return torch.from_numpy(array) if array.size else torch.empty(array.shape, dtype=torch.from_numpy(array).dtype)
+
+
 class NumbaBackend:
     """:class:`lossd._fused.Backend` on the CPU."""
 
@@ -134,44 +140,39 @@ class NumbaBackend:
         overwrite_logits: bool = False,
     ) -> FusedRows:
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        x = logits.to(dtype).contiguous()
+        x = logits.to(dtype).contiguous().numpy()
         n, n_classes = x.shape
         kernels = self._kernels(n * n_classes)
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        no_valid, no_weight, no_table = _PLACEHOLDERS[np_dtype]
-        # overwrite_logits is not taken up: the kernel keeps exp(z - m) in the gradient row while it still
-        # reads the logits' row, and on the CPU a fresh [N, C] buffer costs little next to the math.
-        grad = torch.empty((n, n_classes) if need_grad else (0, 0), dtype=dtype)
-        losses = torch.empty(n, dtype=dtype)
-        correct = torch.empty(n, dtype=torch.bool)
-        row_max = torch.empty(n, dtype=dtype)
-        inv_sum = torch.empty(n, dtype=dtype)
-        args = (
-            x.numpy(),
-            labels.numpy(),
+        np_dtype = x.dtype
+        no_valid, no_weight, no_table = _PLACEHOLDERS[np_dtype.type]
+        # Outputs as numpy arrays wrapped once (fewer conversions: this runs at every step). overwrite_logits
+        # is not taken up: the kernel keeps exp(z - m) in the gradient row while it still reads the logits'
+        # row, and on the CPU a fresh [N, C] buffer costs little next to the math.
+        grad = np.empty((n, n_classes) if need_grad else (0, 0), dtype=np_dtype)
+        losses = np.empty(n, dtype=np_dtype)  # its own: handed out as the loss of reduction 'none'
+        per_row = np.empty((2, n), dtype=np_dtype)  # row maxima, 1 / sums of exponentials
+        correct = np.empty(n, dtype=np.bool_)
+        total, finite, n_correct = self._call(
+            kernels["loss_rows"], x, labels.numpy(),
             no_valid if valid is None else valid.numpy(),
             no_weight if weight is None else weight.to(dtype).contiguous().numpy(),
             no_table if table is None else table.to(torch.float32).contiguous().numpy(),
-            np.array([spike, base, table_scale, 0.0], dtype=np_dtype),
-            REDUCTIONS.index(reduction),
-            need_grad,
-            grad.numpy(),
-            losses.numpy(),
-            correct.numpy(),
-            row_max.numpy(),
-            inv_sum.numpy(),
+            np.array([spike, base, table_scale, 0.0], dtype=np_dtype), REDUCTIONS.index(reduction), need_grad,
+            grad, losses, correct, per_row[0], per_row[1],
             4 * _threads.count,  # a few chunks of rows per thread, for balance
-        )
-        total, finite, n_correct = self._call(kernels["loss_rows"], *args)
+        )  # fmt: skip
         # Only an accepted batch counts: one with a non-finite loss is recomputed eagerly or refused.
-        accumulated = accumulate is not None and finite
+        accumulated = accumulate is not None and bool(finite)
         if accumulated and n_correct:
             assert accumulate is not None
-            self._call(kernels["add_statistics"], args[0], args[1], args[10], args[11], args[12],
+            self._call(kernels["add_statistics"], x, labels.numpy(), correct, per_row[0], per_row[1],
                        accumulate[0].numpy(), accumulate[1].numpy())  # fmt: skip
-        loss = losses if reduction == "none" else torch.from_numpy(np.array(total, dtype=np_dtype))
-        grad_or_none = grad if need_grad else None
-        return FusedRows(loss, grad_or_none, correct, row_max, inv_sum, bool(finite), int(n_correct), bool(accumulated))
+        rows = _tensor(per_row)
+        loss = _tensor(losses) if reduction == "none" else torch.from_numpy(np.array(total, dtype=np_dtype))
+        grad_or_none = _tensor(grad) if need_grad else None
+        return FusedRows(
+            loss, grad_or_none, _tensor(correct), rows[0], rows[1], bool(finite), int(n_correct), accumulated
+        )
 
     def correct_probs(self, logits: torch.Tensor, rows: FusedRows, index: torch.Tensor) -> torch.Tensor:
         x = logits.to(rows.row_max.dtype).contiguous()
