@@ -11,20 +11,28 @@ from typing import Any
 
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 MEAN, SUM, NONE = 0, 1, 2  # lossd._fused.REDUCTIONS' order
 
 
-@intrinsic
-def _int32_bits_as_float32(typingctx: Any, value: Any) -> Any:
-    """The float32 whose bits are the int32 ``value`` (numba has no scalar bitcast of its own)."""
+def _bitcast(source: Any, target: Any) -> Any:
+    """An intrinsic returning the ``target`` float whose bits are the ``source`` integer (numba has no scalar
+    bitcast of its own). The fixed signature casts a wider integer argument down first."""
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    @intrinsic
+    def cast(typingctx: Any, value: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], context.get_value_type(target))
 
-    return types.float32(types.int32), codegen
+        return target(source), codegen
+
+    return cast
+
+
+_int32_as_float32 = _bitcast(types.int32, types.float32)
+_int64_as_float64 = _bitcast(types.int64, types.float64)
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", inline="always", cache=True)
@@ -45,8 +53,7 @@ def expf_at_most_zero(shifted: Any) -> Any:
     poly = poly * r + np.float32(4.1665795894e-2)
     poly = poly * r + np.float32(1.6666665459e-1)
     poly = poly * r + np.float32(5.0000001201e-1)
-    # numba's intrinsic takes the typing context first; a call site gives just the value.
-    scale: Any = _int32_bits_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))  # type: ignore[call-arg]
+    scale = _int32_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
     return (poly * r * r + r + np.float32(1)) * scale if shifted >= low else np.float32(0)
 
 
@@ -106,34 +113,37 @@ def exp_shifted_dot_f32(xi: Any, m: Any, e: Any, q: Any) -> tuple[Any, Any, Any]
     return total, dot, mass
 
 
-LANES = 16  # independent running maxima: one AVX-512 register of float32, two of AVX2
+def row_maximum(xi: Any) -> Any:
+    """``max(xi)`` for a contiguous float32 or float64 row, as an integer maximum: a float's bits, with the
+    magnitude bits flipped when negative, order as the floats do, and LLVM vectorises an integer maximum
+    (numba's float ``max``, with its NaN rules, is one dependent compare per element: 7x slower at
+    C = 1000). A NaN is not propagated here: the caller's poison makes such a row's loss NaN all the same.
+    Compiled per dtype (:func:`_row_maximum_of`), so a float32 row keeps a float32 maximum."""
+    raise NotImplementedError("row_maximum runs compiled, inside the kernels")
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
-def row_maximum(xi: Any, lanes: Any) -> Any:
-    """``max(xi)`` over ``LANES`` independent running maxima, which LLVM vectorises; numba's ``max`` (with
-    its NaN rules) runs one dependent compare per element, about 5x slower at C = 1000. A NaN is skipped
-    here, not propagated: the caller's poison makes such a row's loss NaN all the same. ``lanes``:
-    scratch of ``LANES`` elements, the caller's."""
-    n = xi.shape[0]
-    m = xi[0]
-    if n >= 2 * LANES:
-        for k in range(LANES):
-            lanes[k] = xi[k]
-        full = n - n % LANES
-        for start in range(LANES, full, LANES):
-            for k in range(LANES):
-                v = xi[start + k]
-                lanes[k] = v if v > lanes[k] else lanes[k]
-        m = lanes[0]
-        for k in range(1, LANES):
-            m = lanes[k] if lanes[k] > m else m
-        for c in range(full, n):
-            m = xi[c] if xi[c] > m else m
+@overload(row_maximum, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+def _row_maximum_of(xi: Any) -> Any:
+    # numba widens integer arithmetic to int64; the order-preserving key survives it (sign-extended bits
+    # flip alike), and the maximum's low bits are the float's own.
+    bits_type: Any
+    if xi.dtype == types.float64:
+        bits_type, shift, to_float = np.int64, 63, _int64_as_float64
     else:
-        for c in range(1, n):
-            m = xi[c] if xi[c] > m else m
-    return m
+        bits_type, shift, to_float = np.int32, 31, _int32_as_float32
+    magnitude = np.int64(np.iinfo(bits_type).max)
+    lowest = np.int64(np.iinfo(bits_type).min)
+
+    def impl(xi: Any) -> Any:
+        bits = xi.view(bits_type)
+        m = lowest
+        for c in range(bits.shape[0]):
+            b = np.int64(bits[c])
+            key = b ^ ((b >> shift) & magnitude)
+            m = key if key > m else m
+        return to_float(bits_type(m ^ ((m >> shift) & magnitude)))
+
+    return impl
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", inline="always", cache=True)
@@ -154,10 +164,9 @@ def row(
     row_max: Any,
     inv_sum: Any,
     scratch: Any,
-    lanes: Any,
 ) -> None:
-    """Row ``i``. ``scratch`` (the exponentials when no gradient row holds them) and ``lanes`` are the
-    calling chunk's, allocated once for its rows."""
+    """Row ``i``. ``scratch``: the exponentials when no gradient row holds them, the calling chunk's,
+    allocated once for its rows."""
     n_classes = x.shape[1]
     spike, base, table_scale = params[0], params[1], params[2]
     zero = params[3]  # 0 in the compute dtype
@@ -165,7 +174,7 @@ def row(
     has_table = table.shape[1] > 0
     trow = table[label if has_table else 0]  # no table: a [1, 0] placeholder
     xi = x[i]
-    m = row_maximum(xi, lanes)
+    m = row_maximum(xi)
     # e = exp(z - m) goes into the gradient row (or scratch) so that exp runs once per logit.
     e = grad[i] if need_grad else scratch
     # dot = sum_c q_c (z_c - m), mass = sum_c q_c, term by term (spike, base, table).
@@ -313,11 +322,10 @@ def loss_rows(
     chunks = max(1, min(n, chunks))
     for chunk in prange(chunks):
         scratch = np.empty(0 if need_grad else n_classes, dtype=x.dtype)
-        lanes = np.empty(LANES, dtype=x.dtype)
         for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
             row(
                 x, i, labels[i], valid[i] if has_valid else True, weight, sum_weight, table, params,
-                scale, need_grad, grad, losses, correct, row_max, inv_sum, scratch, lanes,
+                scale, need_grad, grad, losses, correct, row_max, inv_sum, scratch,
             )  # fmt: skip
     # (the reduced loss, every row's loss finite, the correct rows): the caller's checks need no more ops.
     total = zero
