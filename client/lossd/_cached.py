@@ -65,7 +65,11 @@ def check_labels(labels: torch.Tensor, spec: SessionSpec) -> None:
     """The server's label check (lossd_server.batch), so a bad label fails here as it would there."""
     if labels.numel() == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(labels))
+    if labels.device.type == "cpu":  # numpy's min and max cost a fraction of torch's per-op overhead
+        values = labels.numpy()
+        low, high = int(values.min()), int(values.max())
+    else:
+        low, high = (int(v) for v in torch.aminmax(labels))
     if low >= 0 and high < spec.n_classes:
         return
     in_range = ((labels >= 0) & (labels < spec.n_classes)) | (labels == spec.ignore_index)
@@ -177,11 +181,12 @@ class EpochCache:
     def record(self, output: F.LossOutput, labels: torch.Tensor, epoch: int) -> None:
         """Count a training batch, as Session.compute counts it on the server: its statistics, unless the
         fused kernel already added them to :meth:`statistics_buffers`, and its samples."""
-        accumulator, counts = self.statistics_buffers(epoch, labels.device)
+        if not output.statistics_added:  # else statistics_buffers ran for this epoch and device just before
+            accumulator, counts = self.statistics_buffers(epoch, labels.device)
+            if output.n_correct:
+                F.add_statistics(output, labels, accumulator, counts)
         if not self._steps:
             self._cut_at = time.monotonic()  # upload_seconds counts from the oldest statistics not cut
-        if output.n_correct and not output.statistics_added:
-            F.add_statistics(output, labels, accumulator, counts)
         self._samples += output.n_used
         self._correct += output.n_correct
         self._steps += 1

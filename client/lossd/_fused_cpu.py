@@ -99,6 +99,12 @@ def _empty_placeholders(dtype: Any) -> tuple[Any, Any, Any]:
 _PLACEHOLDERS = {np.float32: _empty_placeholders(np.float32), np.float64: _empty_placeholders(np.float64)}
 
 
+def _float32_numpy(table: torch.Tensor) -> Any:
+    if table.dtype == torch.float32 and table.is_contiguous():
+        return table.numpy()
+    return table.to(torch.float32).contiguous().numpy()
+
+
 def _tensor(array: Any) -> torch.Tensor:
     """``array`` as a tensor sharing its memory; an empty one made by torch (from_numpy gives it 0 strides,
     which the transports' byte views refuse)."""
@@ -140,7 +146,9 @@ class NumbaBackend:
         overwrite_logits: bool = False,
     ) -> FusedRows:
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        x = logits.to(dtype).contiguous().numpy()
+        # Each conversion is skipped where it would be a no-op: this runs at every step.
+        x = (logits if logits.dtype == dtype and logits.is_contiguous() else logits.to(dtype).contiguous()).numpy()
+        labels_np = labels.numpy()
         n, n_classes = x.shape
         kernels = self._kernels(n * n_classes)
         np_dtype = x.dtype
@@ -153,10 +161,10 @@ class NumbaBackend:
         per_row = np.empty((2, n), dtype=np_dtype)  # row maxima, 1 / sums of exponentials
         correct = np.empty(n, dtype=np.bool_)
         total, finite, n_correct = self._call(
-            kernels["loss_rows"], x, labels.numpy(),
+            kernels["loss_rows"], x, labels_np,
             no_valid if valid is None else valid.numpy(),
             no_weight if weight is None else weight.to(dtype).contiguous().numpy(),
-            no_table if table is None else table.to(torch.float32).contiguous().numpy(),
+            no_table if table is None else _float32_numpy(table),
             np.array([spike, base, table_scale, 0.0], dtype=np_dtype), REDUCTIONS.index(reduction), need_grad,
             grad, losses, correct, per_row[0], per_row[1],
             4 * _threads.count,  # a few chunks of rows per thread, for balance
@@ -165,7 +173,7 @@ class NumbaBackend:
         accumulated = accumulate is not None and bool(finite)
         if accumulated and n_correct:
             assert accumulate is not None
-            self._call(kernels["add_statistics"], x, labels.numpy(), correct, per_row[0], per_row[1],
+            self._call(kernels["add_statistics"], x, labels_np, correct, per_row[0], per_row[1],
                        accumulate[0].numpy(), accumulate[1].numpy())  # fmt: skip
         rows = _tensor(per_row)
         loss = _tensor(losses) if reduction == "none" else torch.from_numpy(np.array(total, dtype=np_dtype))

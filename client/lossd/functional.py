@@ -18,7 +18,6 @@ module's ``supervise`` is its transpose).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal, overload
 
@@ -53,28 +52,40 @@ class LossOutput:
     # From a fused kernel: (the kernel, the logits it read, its per-row answer), for the statistics.
     fused: tuple[Backend, torch.Tensor, FusedRows] | None = None
 
-    # Cached: each is a device sync on CUDA, and both the statistics and the response read them.
-    @functools.cached_property
+    # Cached (each is a device sync on CUDA, and both the statistics and the response read them) in the
+    # instance's __dict__ by hand: functools.cached_property takes a lock per read before Python 3.12.
+    @property
     def n_used(self) -> int:
-        return int(self.correct.shape[0]) if self.valid is None else int(self.valid.sum())
+        known: int | None = self.__dict__.get("_n_used")
+        if known is None:
+            known = self.__dict__["_n_used"] = (
+                int(self.correct.shape[0]) if self.valid is None else int(self.valid.sum())
+            )
+        return known
 
-    @functools.cached_property
+    @property
     def n_correct(self) -> int:
         if self.fused is not None and self.fused[2].n_correct is not None:
             return self.fused[2].n_correct
-        return int(self.correct.sum())
+        known: int | None = self.__dict__.get("_n_correct")
+        if known is None:
+            known = self.__dict__["_n_correct"] = int(self.correct.sum())
+        return known
 
     @property
     def statistics_added(self) -> bool:
         """Whether the fused kernel already added this batch's statistics to the ``accumulate`` it was given."""
         return self.fused is not None and self.fused[2].accumulated
 
-    @functools.cached_property
+    @property
     def finite(self) -> bool:
         """Whether every loss term is finite (a fused kernel may have counted it already)."""
         if self.fused is not None and self.fused[2].finite is not None:
             return self.fused[2].finite
-        return bool(torch.isfinite(self.loss).all())
+        known: bool | None = self.__dict__.get("_finite")
+        if known is None:
+            known = self.__dict__["_finite"] = bool(torch.isfinite(self.loss).all())
+        return known
 
 
 def smoothing_values(n_classes: int, smoothing: float, convention: Convention) -> tuple[float, float]:

@@ -95,7 +95,9 @@ class _CachedLoss(_RemoteLoss):
         cache = module._epoch_cache()
         spec = module.spec
         assert spec.alpha is not None
-        labels = labels.detach().to(device=logits.device, dtype=torch.int64)
+        if labels.dtype != torch.int64 or labels.device != logits.device:
+            labels = labels.to(device=logits.device, dtype=torch.int64)
+        labels = labels.detach()
         check_labels(labels, spec)
         z = logits.detach().contiguous()
         soft = cache.soft_labels(module._epoch, logits.device)
