@@ -18,8 +18,9 @@ module's ``supervise`` is its transpose).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 
@@ -52,25 +53,28 @@ class LossOutput:
     # From a fused kernel: (the kernel, the logits it read, its per-row answer), for the statistics.
     fused: tuple[Backend, torch.Tensor, FusedRows] | None = None
 
-    # Cached (each is a device sync on CUDA, and both the statistics and the response read them) in the
-    # instance's __dict__ by hand: functools.cached_property takes a lock per read before Python 3.12.
+    def _memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per output, kept in the instance's __dict__ (each figure below is a device sync
+        on CUDA, read by both the statistics and the response); functools.cached_property would take a lock
+        per read before Python 3.12, and these are read at every step."""
+        known = self.__dict__.get(key)
+        if known is None:
+            known = self.__dict__[key] = compute()
+        return known
+
     @property
     def n_used(self) -> int:
-        known: int | None = self.__dict__.get("_n_used")
-        if known is None:
-            known = self.__dict__["_n_used"] = (
-                int(self.correct.shape[0]) if self.valid is None else int(self.valid.sum())
-            )
-        return known
+        count: int = self._memo(
+            "_n_used", lambda: self.correct.shape[0] if self.valid is None else int(self.valid.sum())
+        )
+        return count
 
     @property
     def n_correct(self) -> int:
         if self.fused is not None and self.fused[2].n_correct is not None:
             return self.fused[2].n_correct
-        known: int | None = self.__dict__.get("_n_correct")
-        if known is None:
-            known = self.__dict__["_n_correct"] = int(self.correct.sum())
-        return known
+        count: int = self._memo("_n_correct", lambda: int(self.correct.sum()))
+        return count
 
     @property
     def statistics_added(self) -> bool:
@@ -82,10 +86,8 @@ class LossOutput:
         """Whether every loss term is finite (a fused kernel may have counted it already)."""
         if self.fused is not None and self.fused[2].finite is not None:
             return self.fused[2].finite
-        known: bool | None = self.__dict__.get("_finite")
-        if known is None:
-            known = self.__dict__["_finite"] = bool(torch.isfinite(self.loss).all())
-        return known
+        result: bool = self._memo("_finite", lambda: bool(torch.isfinite(self.loss).all()))
+        return result
 
 
 def smoothing_values(n_classes: int, smoothing: float, convention: Convention) -> tuple[float, float]:
