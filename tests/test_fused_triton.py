@@ -25,6 +25,7 @@ import torch.nn.functional as TF
 from lossd import _fused_triton
 from lossd import functional as F
 from lossd._fused import FusedRows
+from tests.test_math import _assert_close64
 
 REASON = _fused_triton.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton: {REASON}")
@@ -35,7 +36,6 @@ NARROW = _fused_triton.TritonBackend(max_block=16)
 N, C = 12, 37
 EPS64 = torch.finfo(torch.float64).eps
 EPS32 = torch.finfo(torch.float32).eps
-RTOL64 = 1e-12  # as tests/test_math.py: a few dozen ulps of float64, far below any formula difference
 REDUCTIONS: list[F.Reduction] = ["mean", "sum", "none"]
 
 
@@ -120,13 +120,6 @@ def _eager(
     reduction: F.Reduction,
 ) -> F.LossOutput:
     return F.target_cross_entropy(logits, labels, valid, targets, weight=weight, reduction=reduction, kernel="eager")
-
-
-def _assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Relative to the tensor's scale (tests/test_math.py's rule), NaN where the reference has NaN."""
-    assert actual.dtype == expected.dtype == torch.float64 and actual.shape == expected.shape
-    scale = float(expected.abs().nan_to_num().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=RTOL64, atol=RTOL64 * max(scale, 1e-300), equal_nan=True)
 
 
 def _bounds(

@@ -50,10 +50,11 @@ def _seed(*parts: object) -> int:
 
 
 def _assert_close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Relative to the tensor's scale, so near-zero gradient entries do not need elementwise relative accuracy."""
+    """Relative to the tensor's scale, so near-zero gradient entries do not need elementwise relative accuracy;
+    NaN where the reference has NaN (the scale is then that of its finite entries)."""
     assert actual.dtype == expected.dtype == torch.float64
     assert actual.shape == expected.shape
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    scale = float(expected.abs().nan_to_num().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=RTOL64, atol=RTOL64 * max(scale, 1e-300), equal_nan=True)
 
 
